@@ -1,0 +1,266 @@
+"""Attention: scaled dot-product attention and multi-head attention.
+
+Shape legend: see models/_encodings.py (b, s, s_kv, p, d, h, h_kv, h_d).
+
+Masks follow torch's conventions: an ``attn_mask`` of dtype bool is True where a query may attend
+to a key (F.scaled_dot_product_attention); a ``key_padding_mask`` is True at padded keys, which
+are ignored (nn.MultiheadAttention). A float mask is added to the scores.
+
+Rows whose keys are all masked return zeros, in torch and in every exported graph: softmax over
+only -inf would be NaN, and runtimes disagree about it (microsoft/onnxscript#2479).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models._encodings import RotaryEmbedding, _ScoreBias, relative_distances
+
+__all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
+
+
+def _has_valid_key(attn_mask: torch.Tensor) -> torch.Tensor:
+    """[..., s, s_kv] mask -> [..., s, 1] bool, True where at least one key is allowed."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.any(dim=-1, keepdim=True)
+    return (attn_mask > float("-inf")).any(dim=-1, keepdim=True)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + mask) V, with zeros for rows where every key is masked.
+
+    Args:
+        query (torch.Tensor): [b, h, s, h_d]
+        key (torch.Tensor): [b, h, s_kv, h_d]
+        value (torch.Tensor): [b, h, s_kv, h_d]
+        attn_mask (torch.Tensor | None): bool (True = attend) or float (added to the scores),
+            broadcastable to [b, h, s, s_kv].
+        scale (float | None): defaults to 1 / sqrt(h_d).
+
+    Returns:
+        torch.Tensor: [b, h, s, h_d]
+    """
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    if attn_mask is None:
+        return out
+    return torch.where(_has_valid_key(attn_mask), out, torch.zeros_like(out))
+
+
+def _attention_with_value_term(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    pos: _ScoreBias,
+) -> torch.Tensor:
+    """Explicit attention for encodings that also add a term to the values (Shaw)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)  # [b, h, s, s_kv]
+    if attn_mask is not None:
+        probs = torch.where(_has_valid_key(attn_mask), probs, torch.zeros_like(probs))
+    return probs @ v + pos.value_term(probs)  # [b, h, s, h_d]
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[b, h_kv, s_kv, h_d] -> [b, h_kv * n_rep, s_kv, h_d]; head i uses kv head i // n_rep."""
+    if n_rep == 1:
+        return x
+    b, h_kv, s_kv, h_d = x.shape
+    x = x[:, :, None].expand(b, h_kv, n_rep, s_kv, h_d)  # [b, h_kv, n_rep, s_kv, h_d]
+    return x.reshape(b, h_kv * n_rep, s_kv, h_d)  # [b, h, s_kv, h_d]
+
+
+class ScaledDotProductAttention(nn.Module):
+    """Module form of :func:`scaled_dot_product_attention` (no weights), for export."""
+
+    def __init__(self, *, scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, query, key, value, attn_mask=None):
+        """query [b, h, s, h_d], key/value [b, h, s_kv, h_d], attn_mask [b|1, h|1, s, s_kv]."""
+        return scaled_dot_product_attention(query, key, value, attn_mask, scale=self.scale)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: self or cross, grouped-query, causal, sliding window, key padding,
+    an injected positional encoding, and an optional KV cache.
+
+    Args:
+        embed_dim (int): d, the model dim of the queries and of the output.
+        num_heads (int): h.
+        num_kv_heads (int | None): h_kv for grouped-query attention; h must be a multiple of it.
+            Defaults to h (plain multi-head attention); 1 is multi-query attention.
+        kv_dim (int | None): model dim of the cross-attention context (defaults to d).
+        cross_attention (bool): keys and values come from ``context`` instead of ``x``.
+        causal (bool): query i (absolute position p + i) attends to keys j <= p + i.
+        window (int | None): sliding window; a query attends to keys less than ``window``
+            positions away (only to earlier ones when causal).
+        pos_embeddings: None, a RotaryEmbedding, or a score-bias encoding (ALiBiBias,
+            T5RelativeBias, ShawRelativePosition, TransformerXLRelativeBias).
+        bias (bool): biases on the projections.
+
+    Cache layout: past and present keys/values are [b, h_kv, p, h_d], keys stored after RoPE.
+    The position offset is p, so a cached step is bottom-right aligned.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        kv_dim: int | None = None,
+        cross_attention: bool = False,
+        causal: bool = False,
+        window: int | None = None,
+        pos_embeddings: nn.Module | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_heads(embed_dim, num_heads, num_kv_heads)
+        if window is not None and window <= 0:
+            raise ValueError(f"window ({window}) must be positive")
+        if cross_attention and (causal or window is not None or pos_embeddings is not None):
+            raise ValueError(
+                "cross attention takes no causal mask, window or positional encoding "
+                f"(got causal={causal}, window={window}, "
+                f"pos_embeddings={type(pos_embeddings).__name__})"
+            )
+        if pos_embeddings is not None and not isinstance(
+            pos_embeddings, RotaryEmbedding | _ScoreBias
+        ):
+            raise ValueError(
+                f"pos_embeddings ({type(pos_embeddings).__name__}) must be a RotaryEmbedding "
+                "or a score-bias encoding"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.cross_attention = cross_attention
+        self.causal = causal
+        self.window = window
+        self.pos_embeddings = pos_embeddings
+        kv_dim = embed_dim if kv_dim is None else kv_dim
+        kv_out = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, kv_out, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, kv_out, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        past_key: torch.Tensor | None = None,
+        past_value: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ):
+        """
+        Args:
+            x (torch.Tensor): queries' input [b, s, d].
+            context (torch.Tensor | None): [b, s_kv, kv_dim], required for cross attention.
+            key_padding_mask (torch.Tensor | None): bool [b, s_kv], True at padded keys; with a
+                cache it covers past and new keys (s_kv = p + s).
+            past_key, past_value (torch.Tensor | None): [b, h_kv, p, h_d].
+            use_cache (bool): also return the present cache (implied by a past).
+
+        Returns:
+            torch.Tensor [b, s, d], or (output, present_key, present_value) with the present
+            cache [b, h_kv, p + s, h_d] when a past is given or ``use_cache`` is set.
+        """
+        src = self._source(x, context, past_key, past_value)
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, h, h_d]
+        q = q.transpose(1, 2)  # [b, h, s, h_d]
+        k = self.k_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k = k.transpose(1, 2)  # [b, h_kv, s_src, h_d]
+        v = self.v_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.transpose(1, 2)  # [b, h_kv, s_src, h_d]
+        offset = 0 if past_key is None else past_key.shape[2]
+        if isinstance(self.pos_embeddings, RotaryEmbedding):
+            q = self.pos_embeddings(q, offset)
+            k = self.pos_embeddings(k, offset)
+        if past_key is not None:
+            k = torch.cat((past_key, k), dim=2)  # [b, h_kv, p + s, h_d]
+            v = torch.cat((past_value, v), dim=2)  # [b, h_kv, p + s, h_d]
+        out = self._attend(q, k, v, key_padding_mask)  # [b, h, s, h_d]
+        out = out.transpose(1, 2).flatten(2)  # [b, s, d]
+        out = self.out_proj(out)
+        if use_cache or past_key is not None:
+            return out, k, v
+        return out
+
+    def _source(self, x, context, past_key, past_value) -> torch.Tensor:
+        if self.cross_attention:
+            if context is None:
+                raise ValueError("cross attention needs a context tensor")
+            if past_key is not None:
+                raise ValueError("cross attention takes no KV cache; pass the context instead")
+            return context
+        if context is not None:
+            raise ValueError("self attention takes no context; build with cross_attention=True")
+        if (past_key is None) != (past_value is None):
+            raise ValueError("past_key and past_value must be given together")
+        return x
+
+    def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
+        """q [b, h, s, h_d], k/v [b, h_kv, s_kv, h_d] -> [b, h, s, h_d]."""
+        n_rep = self.num_heads // self.num_kv_heads
+        k = _repeat_kv(k, n_rep)  # [b, h, s_kv, h_d]
+        v = _repeat_kv(v, n_rep)  # [b, h, s_kv, h_d]
+        allowed = self._allowed(q.shape[2], k.shape[2], key_padding_mask, q.device)
+        pos = self.pos_embeddings
+        if not isinstance(pos, _ScoreBias):
+            return scaled_dot_product_attention(q, k, v, allowed)
+        mask = pos.score_bias(q, k)  # [b|1, h, s, s_kv], on the scale of the scaled scores
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+        if pos.has_value_term:
+            return _attention_with_value_term(q, k, v, mask, pos)
+        return scaled_dot_product_attention(q, k, v, mask)
+
+    def _allowed(self, s, s_kv, key_padding_mask, device) -> torch.Tensor | None:
+        """bool [b|1, 1, s, s_kv], True where query i may attend to key j; None for all."""
+        allowed = None
+        if self.causal or self.window is not None:
+            dist = relative_distances(s, s_kv, device)  # [s, s_kv], j - (p + i)
+            allowed = torch.ones_like(dist, dtype=torch.bool)
+            if self.causal:
+                allowed = dist <= 0
+            if self.window is not None:
+                allowed = allowed & (dist.abs() < self.window)
+            allowed = allowed[None, None]  # [1, 1, s, s_kv]
+        if key_padding_mask is not None:
+            keep = ~key_padding_mask[:, None, None, :]  # [b, 1, 1, s_kv]
+            allowed = keep if allowed is None else allowed & keep
+        return allowed
+
+
+def _check_heads(embed_dim: int, num_heads: int, num_kv_heads: int) -> None:
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if value <= 0:
+            raise ValueError(f"{name} ({value}) must be positive")
+    if num_kv_heads <= 0:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must be positive")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+        )
