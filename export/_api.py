@@ -1,0 +1,61 @@
+"""The Python API: export a zoo entry or any nn.Module, prove parity, write a bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+
+from runtime import Tolerance
+
+from ._pipeline import DEFAULT_OPSET, ExportResult, Progress, run_pipeline
+from ._spec import spec_from_module, spec_from_zoo
+
+
+def export_entry(
+    name: str,
+    *,
+    out: Path | str | None = None,
+    opset: int = DEFAULT_OPSET,
+    grid: list[Mapping[str, int]] | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export the zoo entry ``name`` and prove parity over its grid; write ``out/<name>``."""
+    from models import zoo
+
+    spec = spec_from_zoo(zoo.get(name))
+    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress)
+
+
+def export_module(
+    module: nn.Module,
+    example_inputs,
+    *,
+    dynamic: Mapping[str, Mapping[int, str | tuple]] | None = None,
+    dims: Mapping[str, tuple[int, int]] | None = None,
+    out: Path | str | None = None,
+    name: str | None = None,
+    output_names: tuple[str, ...] | None = None,
+    opset: int = DEFAULT_OPSET,
+    tolerance: Mapping[str, Tolerance] | None = None,
+    grid: list[Mapping[str, int]] | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export any module: ``export_module(m, {"x": x}, dynamic={"x": {0: "batch", 1: "seq"}},
+    out="artifacts")``. Raises ExportError (naming the stage) or ParityError.
+
+    ``dynamic`` maps an input name to {axis: dim name} or {axis: (dim name, min, max)};
+    ``dims`` gives ranges for names declared without one. Parity runs over the default grid of
+    those dims unless ``grid`` is given; ``out`` None skips writing a bundle.
+    """
+    spec = spec_from_module(
+        module,
+        example_inputs,
+        dynamic=dynamic,
+        dims=dims,
+        name=name,
+        output_names=output_names,
+        tolerance=tolerance,
+    )
+    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress)

@@ -1,0 +1,51 @@
+"""`attnx check`: re-run a bundle's parity against torch, rebuilding its source module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from runtime import Manifest, ParityRecord, Tolerance
+from runtime._bundle import load_bundle
+
+from ._errors import ExportError
+from ._grid import default_grid
+from ._pipeline import measure_grid
+from ._spec import ExportSpec, spec_from_zoo
+
+ZOO_PREFIX = "models.zoo:"
+
+
+def check_bundle(path: Path) -> list[ParityRecord]:
+    """Parity records of every variant of the bundle at ``path`` over its default grid."""
+    bundle = load_bundle(path)  # hashes, containment and schema first: never run a bad bundle
+    manifest = bundle.manifest
+    spec = spec_from_manifest(manifest)
+    example = dict(manifest.golden.cases[0].point)
+    grid = default_grid({n: (r.min, r.max) for n, r in manifest.dims.items()}, example)
+    records = []
+    for variant in manifest.variants:
+        model = onnx.load(str(Path(path) / variant.file))
+        spec.tolerance = {k: Tolerance(t.atol, t.rtol) for k, t in variant.tolerance.items()}
+        records += measure_grid(spec, {variant.name: model}, grid)
+    return records
+
+
+def spec_from_manifest(manifest: Manifest) -> ExportSpec:
+    """Rebuild the torch module a bundle was exported from, from its manifest's source."""
+    target = manifest.source.get("target")
+    if not isinstance(target, str) or ":" not in target:
+        raise ExportError(
+            f"bundle '{manifest.name}' has no importable source target (got {target!r})",
+            stage=4,
+            hint="bundles exported from a Python object can only be checked with export_module",
+        )
+    if target.startswith(ZOO_PREFIX):
+        from models import zoo
+
+        entry = zoo.get(target.removeprefix(ZOO_PREFIX))
+        return spec_from_zoo(entry, **dict(manifest.source.get("config") or {}))
+    from ._cli import spec_from_factory
+
+    return spec_from_factory(target)

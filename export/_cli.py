@@ -1,0 +1,278 @@
+"""The `attnx` console script: the runtime's subcommands plus export's (list, export, check).
+
+There is one parser, built by runtime._cli; this module adds the export half. Nothing here
+imports torch at module level, so `attnx run/verify/bench/inspect` work on a torch-free
+install; the export subcommands import torch when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from runtime._cli import main as runtime_main
+
+from runtime import report_json, report_junit
+
+from ._errors import ExportError, UsageError
+
+DEFAULT_OUT = "artifacts"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runtime_main(argv, extra=add_commands)
+
+
+def add_commands(subparsers) -> None:
+    for command in (cmd_list, cmd_export, cmd_check):
+        name = command.__name__.removeprefix("cmd_")
+        doc = command.__doc__ or ""
+        parser = subparsers.add_parser(
+            name,
+            help=doc.splitlines()[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _ARGUMENTS[name](parser)
+        parser.set_defaults(func=command)
+
+
+def _list_args(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _export_args(parser) -> None:
+    parser.add_argument(
+        "targets", nargs="*", metavar="NAME|pkg.module:factory", help="zoo entries or factories"
+    )
+    parser.add_argument("--all", action="store_true", help="export every zoo entry")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="bundle folder (default: artifacts)")
+    parser.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: 18)")
+    parser.add_argument("--junit", metavar="FILE", help="write parity results as JUnit XML")
+    parser.add_argument("--json", metavar="FILE", help="write parity records as JSON")
+
+
+def _check_args(parser) -> None:
+    parser.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    parser.add_argument("--junit", metavar="FILE", help="write parity results as JUnit XML")
+    parser.add_argument("--json", action="store_true", help="print parity records as JSON")
+
+
+_ARGUMENTS = {"list": _list_args, "export": _export_args, "check": _check_args}
+
+
+def cmd_list(args) -> int:
+    """List the zoo: the named blocks `attnx export` knows."""
+    import json
+
+    from models import zoo
+
+    rows = [
+        {
+            "name": e.name,
+            "inputs": ", ".join(s.name for s in e.inputs),
+            "dims": ", ".join(f"{d}[{lo},{hi}]" for d, (lo, hi) in e.dims.items()),
+            "tolerance": e.tolerance,
+            "description": e.description,
+        }
+        for e in zoo.entries()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(_table(rows, ["name", "inputs", "dims", "tolerance", "description"]))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export zoo entries or pkg.module:factory targets to ONNX bundles, proving parity.
+
+    Each target goes through capture, check, variants, parity and write; a parity miss or an
+    export error of one target does not stop the others. Exit 0 when all passed, 1 on a
+    parity failure, 2 on an export or usage error.
+    """
+    from models import zoo
+
+    if args.all == bool(args.targets):
+        raise UsageError("give zoo entry names or pkg.module:factory targets, or --all (not both)")
+    targets = zoo.names() if args.all else args.targets
+    for target in targets:
+        if ":" not in target:
+            try:
+                zoo.get(target)  # fail fast on a typo, listing the known names
+            except zoo.UnknownEntryError as err:
+                raise UsageError(str(err)) from None
+    bar = _Progress(len(targets)) if args.all and sys.stderr.isatty() else None
+    results = []
+    for i, target in enumerate(targets):
+        if bar:
+            bar.update(i, target)
+        results.append(_export_one(target, args, quiet=bar is not None))
+    if bar:
+        bar.done()
+    return _finish(results, args)
+
+
+def _export_one(target: str, args, *, quiet: bool) -> dict:
+    from ._pipeline import DEFAULT_OPSET, run_pipeline
+
+    say = None if quiet else (lambda line: print(line, flush=True))
+    start = time.perf_counter()
+    row = {"name": target, "records": [], "error": "", "state": "FAILED", "kind": "export"}
+    try:
+        spec = _spec_for(target)
+        row["name"] = spec.name
+        result = run_pipeline(
+            spec, out=Path(args.out), opset=args.opset or DEFAULT_OPSET, progress=say
+        )
+        row.update(records=result.records, state="PASSED", bundle=str(result.bundle))
+    except ExportError as err:
+        row["error"] = str(err)
+    except Exception as err:
+        from runtime import ParityError
+
+        if not isinstance(err, ParityError):
+            raise
+        row.update(error=str(err).splitlines()[0], kind="parity", records=list(err.records))
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _spec_for(target: str):
+    from models import zoo
+
+    from ._spec import spec_from_zoo
+
+    if ":" not in target:
+        return spec_from_zoo(zoo.get(target))
+    return spec_from_factory(target)
+
+
+def spec_from_factory(target: str):
+    """Import ``pkg.module:factory`` and turn what it returns into an ExportSpec.
+
+    The factory takes no arguments and returns an ExportSpec, or a tuple
+    (module, example_inputs[, dynamic[, dims]]), or a dict with those keys (and optionally
+    name, output_names, tolerance).
+    """
+    from torch import nn
+
+    from ._spec import ExportSpec, spec_from_module
+
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"target '{target}' is not of the form pkg.module:factory", stage=1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules import
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ExportError(f"cannot import '{target}': {err}", stage=1) from err
+    made = factory()
+    if isinstance(made, ExportSpec):
+        return made
+    if isinstance(made, nn.Module):
+        raise ExportError(
+            f"factory '{target}' returned a bare module without example inputs",
+            stage=1,
+            hint="return (module, example_inputs, dynamic) or a dict with those keys",
+        )
+    if isinstance(made, tuple):
+        keys = ("module", "example_inputs", "dynamic", "dims")
+        made = dict(zip(keys, made, strict=False))
+    if not isinstance(made, dict) or "module" not in made or "example_inputs" not in made:
+        raise ExportError(
+            f"factory '{target}' returned {type(made).__name__}; expected an ExportSpec, "
+            "a (module, example_inputs[, dynamic[, dims]]) tuple or a dict",
+            stage=1,
+        )
+    name = made.pop("name", None) or attr
+    module = made.pop("module")
+    cls = type(module)
+    source = {"target": target, "class": f"{cls.__module__}.{cls.__qualname__}"}
+    return spec_from_module(module, made.pop("example_inputs"), name=name, source=source, **made)
+
+
+def cmd_check(args) -> int:
+    """Re-run parity of bundles against torch: rebuild each bundle's source module, and compare
+    every variant over the bundle's shape grid. Exit 1 on a parity miss."""
+    from ._check import check_bundle
+
+    results = []
+    for path in args.bundles:
+        start = time.perf_counter()
+        row = {"name": Path(path).name, "records": [], "error": "", "state": "FAILED"}
+        try:
+            row["records"] = check_bundle(Path(path))
+            row["state"] = "PASSED" if all(r.passed for r in row["records"]) else "FAILED"
+            row["kind"] = "parity"
+        except ExportError as err:
+            row.update(error=str(err), kind="export")
+        row["seconds"] = time.perf_counter() - start
+        results.append(row)
+    if args.json:
+        print(report_json([r for row in results for r in row["records"]]))
+        args.json = None
+    return _finish(results, args)
+
+
+def _finish(results: list[dict], args) -> int:
+    records = [r for row in results for r in row["records"]]
+    if getattr(args, "junit", None):
+        Path(args.junit).write_text(report_junit(records), encoding="utf-8")
+    if isinstance(getattr(args, "json", None), str):
+        Path(args.json).write_text(report_json(records), encoding="utf-8")
+    rows = [_summary(row) for row in results]
+    print()
+    print(_table(rows, ["name", "points", "worst max_abs", "seconds", "result"]))
+    for row in results:
+        if row["error"]:
+            print(f"{row['name']}: {row['error']}", file=sys.stderr)
+    if all(row["state"] == "PASSED" for row in results):
+        print("PASSED")
+        return 0
+    print("FAILED")
+    return 2 if any(row.get("kind") == "export" and row["error"] for row in results) else 1
+
+
+def _summary(row: dict) -> dict:
+    records = row["records"]
+    worst = max((o.max_abs for r in records for o in r.outputs), default=float("nan"))
+    passed = sum(r.passed for r in records)
+    return {
+        "name": row["name"],
+        "points": f"{passed}/{len(records)}",
+        "worst max_abs": f"{worst:.2e}",
+        "seconds": f"{row['seconds']:.1f}",
+        "result": row["state"],
+    }
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max([len(c), *(len(str(r[c])) for r in rows)]) for c in columns}
+    head = "  ".join(c.ljust(widths[c]) for c in columns)
+    rule = "  ".join("-" * widths[c] for c in columns)
+    body = ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (stderr), for --all."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def update(self, done: int, label: str) -> None:
+        width = 30
+        filled = width * done // self.total
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{self.total} {label:<24}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        self.update(self.total, "")
+        sys.stderr.write("\n")

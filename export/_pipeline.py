@@ -1,0 +1,355 @@
+"""The export pipeline: capture, check, variants, parity, write (DESIGN.md section 3).
+
+Each stage is recorded in an ExportStatus; a failure raises ExportError naming the stage
+("stage k/5 (name): what; next: hint"), or ParityError listing every failing output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from runtime import ParityRecord, ToleranceTable, check, compare, parity_record
+
+from ._errors import STAGES, ExportError
+from ._grid import default_grid
+from ._spec import ExportSpec
+
+# Opset 18 is the one torch's ONNX translation library is written at, so the graph needs no
+# version conversion, and it runs on every onnxruntime from 1.14 on (Triton images, mobile and
+# older deployments included). The native Attention op of opset 23+ comes as a variant.
+DEFAULT_OPSET = 18
+MIN_OPSET = 18
+
+PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass
+class StageStatus:
+    index: int
+    name: str
+    state: str = "pending"  # pending | running | ok | failed
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class ExportStatus:
+    """Per-stage record of one export, for progress lines and the report."""
+
+    name: str
+    stages: list[StageStatus] = field(
+        default_factory=lambda: [StageStatus(i + 1, n) for i, n in enumerate(STAGES)]
+    )
+
+    def stage(self, index: int) -> StageStatus:
+        return self.stages[index - 1]
+
+
+@dataclass
+class ExportResult:
+    name: str
+    status: ExportStatus
+    records: list[ParityRecord]
+    bundle: Path | None
+    opset: int
+    seconds: float
+    model: onnx.ModelProto | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.records) and all(r.passed for r in self.records)
+
+
+Progress = Callable[[str], None]
+
+
+def run_pipeline(
+    spec: ExportSpec,
+    *,
+    out: Path | str | None,
+    opset: int = DEFAULT_OPSET,
+    grid: list[Mapping[str, int]] | None = None,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export ``spec`` and prove parity over ``grid`` (default: default_grid); write the bundle
+    to ``out/<name>`` when ``out`` is given. Raises ExportError or ParityError."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is below the minimum {MIN_OPSET}", stage=1)
+    status = ExportStatus(spec.name)
+    start = time.perf_counter()
+    say = progress or (lambda line: None)
+    grid = [dict(p) for p in (grid or default_grid(spec.dims, spec.example))]
+
+    model = _stage(status, 1, say, lambda: capture(spec, opset))
+    _stage(status, 2, say, lambda: check_graph(model, spec))
+    variants = _stage(status, 3, say, lambda: {"base": model})
+    records = _stage(status, 4, say, lambda: measure_grid(spec, variants, grid))
+    status.stage(4).detail = f"{sum(r.passed for r in records)}/{len(records)} points passed"
+    failing = [r for r in records if not r.passed]
+    if failing:
+        status.stage(4).state = "failed"
+        say(_line(status, 4))
+        check(records)
+    bundle = None
+    if out is not None:
+        from ._writer import write_bundle
+
+        bundle = _stage(
+            status,
+            5,
+            say,
+            lambda: write_bundle(spec, variants, records, grid, status, Path(out), opset),
+        )
+    return ExportResult(
+        spec.name, status, records, bundle, opset, time.perf_counter() - start, model
+    )
+
+
+def _stage(status: ExportStatus, index: int, say: Progress, work):
+    stage = status.stage(index)
+    stage.state = "running"
+    t0 = time.perf_counter()
+    try:
+        result = work()
+    except Exception:
+        stage.state = "failed"
+        stage.seconds = time.perf_counter() - t0
+        say(_line(status, index))
+        raise
+    stage.state = "ok"
+    stage.seconds = time.perf_counter() - t0
+    say(_line(status, index))
+    return result
+
+
+def _line(status: ExportStatus, index: int) -> str:
+    s = status.stage(index)
+    detail = f" {s.detail}" if s.detail else ""
+    head = f"[{status.name}] stage {index}/{len(STAGES)} {s.name}"
+    return f"{head}: {s.state} ({s.seconds:.1f}s){detail}"
+
+
+# --- stage 1: capture -------------------------------------------------------------------------
+
+
+def capture(spec: ExportSpec, opset: int) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True) with dynamic_shapes built from the spec's dims."""
+    feed = spec.example_feed()
+    _check_examples(spec, feed)
+    dynamic_shapes = _dynamic_shapes(spec)
+    log = io.StringIO()
+    try:
+        with _quiet(log):
+            program = torch.onnx.export(
+                spec.module,
+                (),
+                kwargs={**feed, **spec.forward_kwargs},
+                dynamic_shapes=dynamic_shapes,
+                output_names=list(spec.output_names) if spec.output_names else None,
+                opset_version=opset,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as err:  # torch raises many types; all mean "this module did not export"
+        raise _capture_error(err) from err
+    return program.model_proto
+
+
+def _check_examples(spec: ExportSpec, feed: Mapping[str, torch.Tensor]) -> None:
+    declared = [d.name for d in spec.inputs]
+    if sorted(feed) != sorted(declared):
+        raise ExportError(
+            f"example inputs {sorted(feed)} differ from the declared inputs {sorted(declared)}",
+            stage=1,
+        )
+    for decl in spec.inputs:
+        for axis, dim in enumerate(decl.shape):
+            if isinstance(dim, str) and feed[decl.name].shape[axis] < 2:
+                raise ExportError(
+                    f"example size of dim '{dim}' (input '{decl.name}', axis {axis}) is "
+                    f"{feed[decl.name].shape[axis]}; torch.export specializes sizes 0 and 1 "
+                    "(pytorch#148629)",
+                    stage=1,
+                    hint="use an example of size >= 2 on every dynamic dim",
+                )
+    _check_aliasing(feed)
+
+
+def _check_aliasing(feed: Mapping[str, torch.Tensor]) -> None:
+    """Refuse example inputs that share memory: torch.onnx wires such inputs to one graph input
+    and silently ignores the others (pytorch#139646)."""
+    seen: dict[int, str] = {}
+    for name, tensor in feed.items():
+        if tensor.numel() == 0:
+            continue
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            raise ExportError(
+                f"example inputs '{seen[ptr]}' and '{name}' share memory; torch.onnx miswires "
+                "aliased inputs (pytorch#139646)",
+                stage=1,
+                hint=f"pass distinct tensors, e.g. {name}.clone()",
+            )
+        seen[ptr] = name
+
+
+def _dynamic_shapes(spec: ExportSpec) -> dict[str, dict[int, object]]:
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in spec.dims.items()}
+    return {
+        decl.name: {axis: dims[d] for axis, d in enumerate(decl.shape) if isinstance(d, str)}
+        for decl in spec.inputs
+    }
+
+
+@contextlib.contextmanager
+def _quiet(log: io.StringIO):
+    """Keep the exporter's progress prints and registry warnings off the user's console."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _capture_error(err: Exception) -> ExportError:
+    text = str(err)
+    first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+    if "Constraints violated" in text or "specializ" in text or "Not all values of" in text:
+        return ExportError(
+            f"a dynamic dim was specialized: {first[:300]}",
+            stage=1,
+            hint="the module bakes in an example size (a table or reshape built for exactly "
+            "that length, or int() of a size); compute it from the input's shape in forward",
+        )
+    return ExportError(
+        f"torch.onnx.export failed: {type(err).__name__}: {first[:300]}",
+        stage=1,
+        hint="run torch.export.export on the module to see the full trace",
+    )
+
+
+# --- stage 2: check -----------------------------------------------------------------------------
+
+
+def check_graph(model: onnx.ModelProto, spec: ExportSpec) -> None:
+    """Full ONNX check; graph inputs map one-to-one to the module's inputs and are all read;
+    declared dynamic dims are symbolic; outputs match the declared names."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"onnx.checker rejected the graph: {err}", stage=2) from err
+    graph_inputs = [i.name for i in model.graph.input]
+    declared = [d.name for d in spec.inputs]
+    if graph_inputs != declared:
+        raise ExportError(
+            f"graph inputs {graph_inputs} do not map one-to-one to the module inputs {declared}",
+            stage=2,
+            hint="inputs that torch found unused or constant are dropped; pass only inputs "
+            "that forward() reads",
+        )
+    unread = sorted(set(graph_inputs) - _read_names(model.graph))
+    if unread:
+        raise ExportError(
+            f"graph inputs {unread} are never read by the graph",
+            stage=2,
+            hint="aliased example inputs miswire the graph (pytorch#139646); pass distinct tensors",
+        )
+    _check_symbolic(model, spec)
+    if spec.output_names is not None:
+        outputs = [o.name for o in model.graph.output]
+        if outputs != list(spec.output_names):
+            raise ExportError(
+                f"graph outputs {outputs} differ from the declared outputs "
+                f"{list(spec.output_names)}",
+                stage=2,
+            )
+
+
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+                names |= _read_names(sub)
+    return names
+
+
+def _check_symbolic(model: onnx.ModelProto, spec: ExportSpec) -> None:
+    by_name = {i.name: i for i in model.graph.input}
+    for decl in spec.inputs:
+        dims = by_name[decl.name].type.tensor_type.shape.dim
+        for axis, want in enumerate(decl.shape):
+            if isinstance(want, str) and not dims[axis].dim_param:
+                raise ExportError(
+                    f"input '{decl.name}' axis {axis} was declared dynamic ('{want}') but the "
+                    f"saved graph fixes it to {dims[axis].dim_value}",
+                    stage=2,
+                    hint="torch specialized the dim; see the export log",
+                )
+
+
+# --- stage 4: parity ----------------------------------------------------------------------------
+
+
+def measure_grid(
+    spec: ExportSpec, variants: Mapping[str, onnx.ModelProto], grid: list[Mapping[str, int]]
+) -> list[ParityRecord]:
+    """One ParityRecord per variant and grid point: ONNX Runtime against torch eager."""
+    table = ToleranceTable(by_dtype=dict(spec.tolerance))
+    records = []
+    for variant, model in variants.items():
+        session = make_session(model)
+        names = [o.name for o in session.get_outputs()]
+        for point in grid:
+            feed = spec.make_inputs(point)
+            expected = eager_outputs(spec, feed, names)
+            actual = dict(zip(names, session.run(None, to_numpy(feed)), strict=True))
+            records.append(
+                parity_record(variant, PROVIDER, point, compare(actual, expected, table))
+            )
+    return records
+
+
+def make_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Parity compares numbers, not speed: the default optimization level is what the runtime
+    # uses too, so fusions that change rounding are part of what is checked.
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER])
+
+
+def eager_outputs(
+    spec: ExportSpec, feed: Mapping[str, torch.Tensor], names: list[str]
+) -> dict[str, np.ndarray]:
+    """torch eager outputs, named like the graph's outputs (extras get output_<i>)."""
+    with torch.no_grad():
+        out = spec.module(**feed, **spec.forward_kwargs)
+    tensors = list(out) if isinstance(out, tuple | list) else [out]
+    result = {}
+    for i, tensor in enumerate(tensors):
+        key = names[i] if i < len(names) else f"output_{i}"
+        result[key] = tensor.detach().cpu().numpy()
+    return result
+
+
+def to_numpy(feed: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy() for name, t in feed.items()}

@@ -1,0 +1,201 @@
+"""What to export: a module, its named inputs with symbolic dims, and how to make inputs.
+
+A zoo entry becomes an ExportSpec through ``spec_from_zoo``; any nn.Module through
+``spec_from_module`` (what ``export_module`` and ``attnx export pkg.mod:factory`` use).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from runtime import Tolerance
+
+from ._errors import ExportError
+
+# Ranges for dynamic dims that a user declared without one. torch.export needs an upper bound
+# to reason about guards; the runtime refuses inputs beyond it.
+DEFAULT_DIM_RANGE = (1, 1024)
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    """A graph input: name, torch dtype and shape (ints static, strings dim names)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+
+
+@dataclass
+class ExportSpec:
+    """Everything the pipeline needs, for a zoo entry or any module."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[InputDecl, ...]
+    output_names: tuple[str, ...] | None
+    dims: Mapping[str, tuple[int, int]]
+    example: Mapping[str, int]
+    make_inputs: Callable[[Mapping[str, int]], dict[str, torch.Tensor]]
+    tolerance: Mapping[str, Tolerance]
+    source: Mapping[str, object]
+    forward_kwargs: Mapping[str, object] = field(default_factory=dict)
+    example_inputs: Mapping[str, torch.Tensor] | None = None
+
+    def example_feed(self) -> dict[str, torch.Tensor]:
+        if self.example_inputs is not None:
+            return dict(self.example_inputs)
+        return self.make_inputs(self.example)
+
+
+_TORCH_DTYPES = {"float": torch.float32, "ids": torch.int64}
+
+
+def spec_from_zoo(entry, **overrides) -> ExportSpec:
+    """ExportSpec of a models.zoo entry."""
+    from models.zoo import TOLERANCE_CLASSES
+
+    module = entry.build(**overrides)
+    tolerance = {
+        dtype: Tolerance(**values) for dtype, values in TOLERANCE_CLASSES[entry.tolerance].items()
+    }
+    return ExportSpec(
+        name=entry.name,
+        module=module,
+        inputs=tuple(InputDecl(s.name, s.dtype, tuple(s.shape)) for s in entry.inputs),
+        output_names=tuple(entry.outputs),
+        dims=dict(entry.dims),
+        example=dict(entry.example),
+        make_inputs=entry.make_inputs,
+        tolerance=tolerance,
+        source={
+            "target": entry.source(),
+            "class": f"{type(module).__module__}.{type(module).__qualname__}",
+            "config": {**entry.config, **overrides},
+            "description": entry.description,
+        },
+        forward_kwargs=dict(entry.forward_kwargs),
+    )
+
+
+def spec_from_module(
+    module: nn.Module,
+    example_inputs,
+    *,
+    dynamic: Mapping[str, Mapping[int, str | tuple]] | None = None,
+    dims: Mapping[str, tuple[int, int]] | None = None,
+    name: str | None = None,
+    output_names: tuple[str, ...] | None = None,
+    tolerance: Mapping[str, Tolerance] | None = None,
+    source: Mapping[str, object] | None = None,
+) -> ExportSpec:
+    """ExportSpec of any module.
+
+    Args:
+        example_inputs: a dict of input name -> tensor, or a tuple in forward() order (names
+            are taken from forward's signature).
+        dynamic: per input, axis -> dim name, or axis -> (dim name, min, max). A dim name shared
+            by several inputs is one symbolic size.
+        dims: ranges of dim names declared without one (default DEFAULT_DIM_RANGE).
+
+    Inputs at other shapes are made like the examples: floats standard normal, integers
+    uniform in [0, max(example) + 1), booleans True with the example's fraction of True.
+    """
+    feed = _named_inputs(module, example_inputs)
+    ranges, axes = _parse_dynamic(dynamic or {}, dims or {}, feed)
+    example = {}
+    for input_name, input_axes in axes.items():
+        for axis, dim in input_axes.items():
+            example.setdefault(dim, int(feed[input_name].shape[axis]))
+    decls = tuple(
+        InputDecl(n, t.dtype, tuple(axes.get(n, {}).get(i, size) for i, size in enumerate(t.shape)))
+        for n, t in feed.items()
+    )
+    module = module.eval()
+    cls = type(module)
+    return ExportSpec(
+        name=name or cls.__name__.lower(),
+        module=module,
+        inputs=decls,
+        output_names=tuple(output_names) if output_names else None,
+        dims=ranges,
+        example=example,
+        make_inputs=_like_examples(decls, feed),
+        tolerance=dict(tolerance or {}),
+        source=dict(source or {"target": None, "class": f"{cls.__module__}.{cls.__qualname__}"}),
+        example_inputs=feed,
+    )
+
+
+def _named_inputs(module: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        feed = dict(example_inputs)
+    else:
+        params = list(inspect.signature(module.forward).parameters)
+        if len(example_inputs) > len(params):
+            raise ExportError(
+                f"{len(example_inputs)} example inputs but forward() takes {len(params)}: "
+                f"{', '.join(params)}",
+                stage=1,
+            )
+        feed = dict(zip(params, example_inputs, strict=False))
+    for input_name, value in feed.items():
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(
+                f"example input '{input_name}' is a {type(value).__name__}, not a torch.Tensor",
+                stage=1,
+            )
+    return feed
+
+
+def _parse_dynamic(dynamic, dims, feed):
+    ranges: dict[str, tuple[int, int]] = {}
+    axes: dict[str, dict[int, str]] = {}
+    for input_name, spec in dynamic.items():
+        if input_name not in feed:
+            raise ExportError(
+                f"dynamic names input '{input_name}', which is not among the example inputs "
+                f"({', '.join(feed)})",
+                stage=1,
+            )
+        rank = feed[input_name].dim()
+        for axis, dim in spec.items():
+            if not 0 <= axis < rank:
+                raise ExportError(
+                    f"dynamic axis {axis} of input '{input_name}' is out of range for rank {rank}",
+                    stage=1,
+                )
+            if isinstance(dim, tuple):
+                dim, lo, hi = dim
+                ranges[dim] = (int(lo), int(hi))
+            axes.setdefault(input_name, {})[axis] = dim
+            ranges.setdefault(dim, tuple(dims.get(dim, DEFAULT_DIM_RANGE)))
+    return ranges, axes
+
+
+def _like_examples(decls, feed):
+    def make(point: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(sum(point.values()) * 7919 + len(point))
+        out = {}
+        for decl in decls:
+            shape = [point[d] if isinstance(d, str) else d for d in decl.shape]
+            out[decl.name] = _random_like(feed[decl.name], shape, gen)
+        return out
+
+    return make
+
+
+def _random_like(example: torch.Tensor, shape, gen) -> torch.Tensor:
+    if example.dtype == torch.bool:
+        return torch.rand(shape, generator=gen) < example.float().mean().item()
+    if example.dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(example.dtype)
+    high = int(example.max().item()) + 1 if example.numel() else 1
+    return torch.randint(0, max(high, 1), shape, generator=gen, dtype=example.dtype)
