@@ -29,12 +29,27 @@ Parity (runtime._parity; numpy only)
     describe(output_parity) -> str
     report_text / report_markdown / report_json / report_junit(records) -> str
     FLOAT32_TOLERANCE, FLOAT16_TOLERANCE, FLOAT64_TOLERANCE, EXACT, DEFAULT_TOLERANCES
+
+Bundles and running (onnxruntime imported lazily, only when a session is made)
+    load_bundle(path) -> Bundle(manifest, dir, files, weights, data_files, golden)
+        .model_bytes(variant), .external_data(variant); golden: tuple[GoldenSample]
+    GoldenSample(point, inputs, outputs)          arrays by tensor name
+    validate_feed(manifest, feed, *, reject_nonfinite=False, weights=()) -> dict[str, ndarray]
+    Runner(bundle_path_or_Bundle, *, provider="auto", variant=None, threads=None,
+           reject_nonfinite=False)               context manager
+        .run(feed) -> dict[str, ndarray]; .validate(feed); .placement(feed) -> {node: provider}
+        .manifest, .variant, .provider, .session, .session_seconds, .close()
+    choose_variant(manifest, provider, name=None) -> Variant
+    resolve_provider("auto" | "cpu" | "cuda") -> provider name; available_providers()
+
+CLI (runtime._cli): main(argv=None, *, extra=None) -> int; add_commands(subparsers)
 """
 
 from __future__ import annotations
 
 import onnx as _onnx
 
+from ._bundle import Bundle, GoldenSample, load_bundle
 from ._errors import ArtifactError, AttnxError, InputError, ParityError, ProviderError
 from ._manifest import (
     FORMAT_VERSION,
@@ -67,6 +82,9 @@ from ._parity import (
     report_markdown,
     report_text,
 )
+from ._runner import Runner, choose_variant
+from ._session import available_providers, resolve_provider
+from ._validate import validate_feed
 from ._versions import check_versions, installed_onnxruntime
 
 check_versions(_onnx.__version__, installed_onnxruntime())
@@ -80,6 +98,9 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "ArtifactError",
+    "Bundle",
+    "GoldenSample",
+    "Runner",
     "AttnxError",
     "DimRange",
     "FileEntry",
@@ -95,13 +116,18 @@ __all__ = [
     "Tolerance",
     "ToleranceTable",
     "Variant",
+    "available_providers",
     "check",
+    "choose_variant",
     "compare",
     "describe",
+    "load_bundle",
     "measure",
     "parity_record",
     "report_json",
     "report_junit",
     "report_markdown",
     "report_text",
+    "resolve_provider",
+    "validate_feed",
 ]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -184,9 +185,39 @@ def tiny_bundle(_templates, tmp_path) -> Path:
 @pytest.fixture
 def tiny_bundle_ext(_templates, tmp_path) -> Path:
     """A fresh copy of the tiny bundle whose base weights live in model.onnx.data."""
-    return Path(shutil.copytree(_templates["external"], tmp_path / "bundle"))
+    return Path(shutil.copytree(_templates["external"], tmp_path / "bundle_ext"))
 
 
 @pytest.fixture
 def manifest_dict(_templates) -> dict:
     return read_manifest(_templates["inline"])
+
+
+def rewrite_model(path: Path, edit) -> None:
+    """Apply `edit(model)` to a saved model without touching its external data, and write the
+    bytes directly (onnx.save would refuse some of the broken models the tests need)."""
+    model = onnx.load(str(path), load_external_data=False)
+    edit(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def has_cuda() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="onnxruntime has no CUDAExecutionProvider here")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda():
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kit() -> SimpleNamespace:
+    """The builder and tampering helpers, for test modules (pytest's importlib mode does not
+    let them import this conftest)."""
+    return SimpleNamespace(
+        D=D, CPU=CPU, CUDA=CUDA, make_bundle=make_bundle, make_inputs=make_inputs,
+        reference=reference, weight=weight, read_manifest=read_manifest,
+        write_manifest=write_manifest, resign=resign, rewrite_model=rewrite_model,
+        has_cuda=has_cuda, sha256=sha256)

@@ -1,0 +1,156 @@
+"""Runner: one checked bundle, one session, any number of calling threads.
+
+    with Runner("artifacts/mha_rope", provider="cpu") as r:
+        out = r.run({"x": x})          # {"y": array}
+
+Thread safety: onnxruntime's InferenceSession.run is thread-safe, and run() keeps all its
+state in locals (the feed, the bound sizes, a per-call IO binding on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._bundle import Bundle, load_bundle
+from ._errors import ArtifactError, AttnxError, InputError, ProviderError
+from ._manifest import Manifest, Variant
+from ._session import CUDA, create_session, node_placement, ort_errors, resolve_provider
+from ._validate import Sizes, check_feed, shape_problems
+
+
+def variants_for(manifest: Manifest, provider: str) -> list[Variant]:
+    """Variants meant for `provider`, in manifest order."""
+    return [v for v in manifest.variants if provider in v.providers]
+
+
+def passed_on(manifest: Manifest, variant: Variant, provider: str) -> bool:
+    """Every parity record of this variant on this provider passed. A provider that was never
+    measured (no records, e.g. CUDA for a bundle exported on a CPU machine) counts as passed:
+    `attnx verify` is how that is checked on the target machine."""
+    return all(r.passed for r in manifest.parity
+               if r.variant == variant.name and r.provider == provider)
+
+
+def rank_variants(manifest: Manifest, candidates: list[Variant], provider: str) -> list[Variant]:
+    """The order in which usable variants are preferred. Hook: today manifest order; once
+    bundles carry benchmark records (in `extra`), the fastest first."""
+    return list(candidates)
+
+
+def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -> Variant:
+    if name is not None:
+        known = [v.name for v in manifest.variants]
+        if name not in known:
+            raise InputError(f"unknown variant {name!r}; known variants: {', '.join(known)}")
+        variant = manifest.variant(name)
+        if provider not in variant.providers:
+            raise ProviderError(f"variant {name!r} is meant for {', '.join(variant.providers)}"
+                                f", not {provider}")
+        return variant
+    usable = [v for v in variants_for(manifest, provider) if passed_on(manifest, v, provider)]
+    if not usable:
+        raise ProviderError(f"bundle {manifest.name!r} has no variant for {provider} that "
+                            f"passed parity (variants: " + ", ".join(
+                                f"{v.name} on {'/'.join(v.providers)}"
+                                for v in manifest.variants) + ")")
+    return rank_variants(manifest, usable, provider)[0]
+
+
+class Runner:
+    """Run a bundle with onnxruntime. `bundle` is a folder or an already loaded Bundle.
+
+    provider: "auto" | "cpu" | "cuda"; variant: a name, or None for the preferred variant
+    that passed parity on the provider; threads: intra-op threads (default: usable CPUs);
+    reject_nonfinite: refuse NaN/Inf inputs (InputError).
+    """
+
+    def __init__(self, bundle: str | os.PathLike | Bundle, *, provider: str = "auto",
+                 variant: str | None = None, threads: int | None = None,
+                 reject_nonfinite: bool = False):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.manifest = self.bundle.manifest
+        self.provider = resolve_provider(provider)
+        self.variant = choose_variant(self.manifest, self.provider, variant)
+        self.reject_nonfinite = reject_nonfinite
+        self.label = str(self.bundle.dir / self.variant.file)
+        self._weights = self.bundle.weights[self.variant.name]
+        self._output_names = self.manifest.output_names
+        started = time.perf_counter()
+        self._session = create_session(
+            self.bundle.model_bytes(self.variant.name), bundle_dir=self.bundle.dir,
+            data_files=self.bundle.external_data(self.variant.name), provider=self.provider,
+            label=self.label, threads=threads)
+        self.session_seconds = time.perf_counter() - started
+        self._errors = ort_errors()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session = None
+
+    @property
+    def session(self):
+        """The onnxruntime session (for benchmarks that call session.run directly)."""
+        if self._session is None:
+            raise AttnxError("the runner is closed")
+        return self._session
+
+    def validate(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays, _ = check_feed(self.manifest, feed, reject_nonfinite=self.reject_nonfinite,
+                               weights=self._weights)
+        return arrays
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate `feed`, run it, check the outputs; returns {output name: array}."""
+        session = self.session
+        arrays, sizes = check_feed(self.manifest, feed, reject_nonfinite=self.reject_nonfinite,
+                                   weights=self._weights)
+        try:
+            if self.provider == CUDA:
+                values = self._run_bound(session, arrays)
+            else:
+                values = session.run(self._output_names, arrays)
+        except self._errors as e:
+            # The feed matched the manifest, so this is the bundle's fault, not the caller's.
+            raise ArtifactError(f"{self.label}: onnxruntime failed on a valid input: {e}") from None
+        outputs = dict(zip(self._output_names, values, strict=True))
+        self._check_outputs(outputs, sizes)
+        return outputs
+
+    def _run_bound(self, session, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # IO binding: inputs copied to the device once, outputs allocated there by onnxruntime
+        # (no host round trip between nodes). One binding per call keeps run() thread-safe.
+        binding = session.io_binding()
+        for name, arr in arrays.items():
+            binding.bind_cpu_input(name, arr)
+        for name in self._output_names:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray], sizes: Sizes) -> None:
+        problems = []
+        for spec in self.manifest.outputs:
+            arr = outputs[spec.name]
+            label = f"{self.label}: output {spec.name!r}"
+            if arr.dtype.name != spec.dtype:
+                problems.append(f"{label}: expected dtype {spec.dtype}, got {arr.dtype.name}")
+            problems += shape_problems(label, spec, arr.shape, self.manifest.dims, dict(sizes),
+                                       check_ranges=False)
+        if problems:
+            raise ArtifactError("; ".join(problems))
+
+    def placement(self, feed: Mapping[str, np.ndarray]) -> dict[str, str]:
+        """Which provider ran each node, from one profiled run of `feed` (a separate session)."""
+        return node_placement(
+            self.bundle.model_bytes(self.variant.name), self.validate(feed),
+            bundle_dir=self.bundle.dir, data_files=self.bundle.external_data(self.variant.name),
+            provider=self.provider, label=self.label)
