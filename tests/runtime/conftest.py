@@ -208,7 +208,7 @@ def has_cuda() -> bool:
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="onnxruntime has no CUDAExecutionProvider here")
     for item in items:
-        if "cuda" in item.keywords and not has_cuda():
+        if item.get_closest_marker("cuda") and not has_cuda():
             item.add_marker(skip)
 
 
