@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from ._errors import ArtifactError, InputError
 from ._manifest import (
@@ -164,7 +165,29 @@ def _parse_model(path: Path, data: bytes) -> onnx.ModelProto:
         raise ArtifactError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
     if not model.graph.node or not model.opset_import:
         raise ArtifactError(f"{path}: not an ONNX model (no graph nodes or no opset)")
+    bad = _non_utf8_field(model)
+    if bad:
+        raise ArtifactError(f"{path}: not an ONNX model (field {bad} is not valid UTF-8)")
     return model
+
+
+def _non_utf8_field(message: Message) -> str:
+    """The first string field holding bytes that are not UTF-8, or "". protobuf hands such
+    a field to Python as `bytes` instead of `str`, which every later check would trip on."""
+    for field, value in message.ListFields():
+        # `is_repeated` in protobuf >= 5.28 (where `label` is gone); `label` before that.
+        repeated = (field.is_repeated if hasattr(field, "is_repeated")
+                    else field.label == FieldDescriptor.LABEL_REPEATED)
+        values = value if repeated else [value]
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                return f"{message.DESCRIPTOR.name}.{field.name}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for v in values:
+                bad = _non_utf8_field(v)
+                if bad:
+                    return bad
+    return ""
 
 
 def _initializer_names(graph: onnx.GraphProto) -> list[str]:

@@ -17,9 +17,9 @@ from ._errors import ArtifactError, ProviderError
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
-# Errors only: onnxruntime's warnings (e.g. "CUDA not available, falling back") are replaced by
-# our own typed errors, and its red error lines on stderr by ours.
-ORT_LOG_ERRORS_ONLY = 3
+# Fatal only: onnxruntime's warnings ("falling back to CPU") and its red error lines on stderr
+# duplicate what reaches us as an exception anyway, which we re-raise as a typed error.
+ORT_LOG_FATAL_ONLY = 4
 _ORT_ERROR_NAMES = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError",
                     "RuntimeException", "InvalidProtobuf", "ModelLoaded", "NotImplemented",
                     "InvalidGraph", "EPFail", "NotFound", "ModelRequiresCompilation")
@@ -80,7 +80,7 @@ def session_options(bundle_dir: Path, *, threads: int | None = None, profile_dir
     # Memory patterns are planned per distinct input shape and kept; with dynamic batch and
     # sequence every new shape re-plans and grows the cache, so plan nothing up front.
     so.enable_mem_pattern = False
-    so.log_severity_level = ORT_LOG_ERRORS_ONLY
+    so.log_severity_level = ORT_LOG_FATAL_ONLY
     # External data is handed over from memory (see create_session); should onnxruntime look
     # at the disk anyway, it must look in the bundle, never in the process CWD.
     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
