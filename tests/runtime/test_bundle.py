@@ -433,3 +433,15 @@ def test_data_swapped_after_check_is_never_read(tiny_bundle_ext):
     with Runner(b, provider="cpu", variant="base") as r:
         y = r.run(dict(b.golden[0].inputs))["y"]
     np.testing.assert_allclose(y, b.golden[0].outputs["y"], atol=1e-5, rtol=1e-4)
+
+
+def test_non_utf8_string_in_model(kit, tiny_bundle):
+    # protobuf hands invalid UTF-8 in a string field to Python as bytes (found by the fuzzer).
+    path = tiny_bundle / "model.alt.onnx"
+    data = path.read_bytes()
+    assert data.count(b"softmax") == 1  # the node name; the op type is "Softmax"
+    path.write_bytes(data.replace(b"softmax", b"softma\xff"))
+    kit.resign(tiny_bundle)
+    with pytest.raises(ArtifactError, match=r"model.alt.onnx: not an ONNX model \(field "
+                                            r"NodeProto.name is not valid UTF-8\)"):
+        load_bundle(tiny_bundle)

@@ -252,3 +252,18 @@ def test_importing_runtime_imports_no_torch(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_reading_and_inspecting_needs_no_onnxruntime(tiny_bundle_ext, tmp_path):
+    env = _blocked_env(tmp_path)
+    (tmp_path / "blocker" / "onnxruntime.py").write_text("raise ImportError('ort blocked')\n")
+    code = (f"import runtime; b = runtime.load_bundle({str(tiny_bundle_ext)!r}); "
+            f"print(b.manifest.name, len(b.golden))")
+    read = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.strip() == "tiny 2"
+    inspect = subprocess.run([sys.executable, "-m", "runtime", "inspect", str(tiny_bundle_ext)],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "ops: Add 1, MatMul 1, Softmax 1, Unsqueeze 1" in inspect.stdout
