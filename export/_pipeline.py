@@ -340,10 +340,12 @@ def make_session(model: onnx.ModelProto):
 def eager_outputs(
     spec: ExportSpec, feed: Mapping[str, torch.Tensor], names: list[str]
 ) -> dict[str, np.ndarray]:
-    """torch eager outputs, named like the graph's outputs (extras get output_<i>)."""
+    """torch eager outputs, named by the spec's declared outputs, else like the graph's outputs
+    (extras get output_<i>), so a missing graph output shows up by name."""
     with torch.no_grad():
         out = spec.module(**feed, **spec.forward_kwargs)
     tensors = list(out) if isinstance(out, tuple | list) else [out]
+    names = list(spec.output_names or names)
     result = {}
     for i, tensor in enumerate(tensors):
         key = names[i] if i < len(names) else f"output_{i}"
