@@ -86,12 +86,13 @@ def format_inspect(info: dict[str, Any]) -> str:
              f"opset {info['opset']})",
              "source:   " + ", ".join(f"{k}={v}" for k, v in info["source"].items()),
              "producer: " + ", ".join(f"{k} {v}" for k, v in info["producer"].items())]
+    width = max(12, *(len(t["name"]) for t in info["inputs"] + info["outputs"]))
     for side in ("inputs", "outputs"):
         lines.append(f"{side}:")
         for t in info[side]:
             shape = "[" + ", ".join(map(str, t["shape"])) + "]"
             ranges = ", ".join(f"{d} in {lo}..{hi}" for d, (lo, hi) in t["dims"].items())
-            lines.append(f"  {t['name']:<12} {t['dtype']:<8} {shape}  {ranges}".rstrip())
+            lines.append(f"  {t['name']:<{width}} {t['dtype']:<8} {shape}  {ranges}".rstrip())
     lines.append("variants:")
     for v in info["variants"]:
         lines.append(f"  {v['name']}: {v['file']}, {v['bytes']} bytes, {v['parameters']} "
