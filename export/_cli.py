@@ -24,7 +24,11 @@ DEFAULT_OUT = "artifacts"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runtime_main(argv, extra=add_commands)
+    try:
+        return runtime_main(argv, extra=add_commands)
+    except BrokenPipeError:  # `attnx list | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 def add_commands(subparsers) -> None:
@@ -137,7 +141,8 @@ def _export_one(target: str, args, *, quiet: bool) -> dict:
 
         if not isinstance(err, ParityError):
             raise
-        row.update(error=str(err).splitlines()[0], kind="parity", records=list(err.records))
+        records = list(getattr(err, "all_records", err.records))
+        row.update(error=str(err).splitlines()[0], kind="parity", records=records)
     row["seconds"] = time.perf_counter() - start
     return row
 
