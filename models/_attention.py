@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models._encodings import RotaryEmbedding, _ScoreBias, relative_distances
+from models._encodings import (
+    ALiBiBias,
+    RotaryEmbedding,
+    ShawRelativePosition,
+    T5RelativeBias,
+    TransformerXLRelativeBias,
+    _ScoreBias,
+    relative_distances,
+)
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
 
@@ -148,6 +156,14 @@ class MultiHeadAttention(nn.Module):
                 f"pos_embeddings ({type(pos_embeddings).__name__}) must be a RotaryEmbedding "
                 "or a score-bias encoding"
             )
+        if kv_dim is not None and kv_dim <= 0:
+            raise ValueError(f"kv_dim ({kv_dim}) must be positive")
+        if kv_dim is not None and kv_dim != embed_dim and not cross_attention:
+            raise ValueError(
+                f"kv_dim ({kv_dim}) differs from embed_dim ({embed_dim}), but self attention "
+                "reads its keys and values from x; build with cross_attention=True"
+            )
+        _check_pos_embeddings(pos_embeddings, num_heads, embed_dim // num_heads)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -210,7 +226,7 @@ class MultiHeadAttention(nn.Module):
         if self.cross_attention:
             if context is None:
                 raise ValueError("cross attention needs a context tensor")
-            if past_key is not None:
+            if past_key is not None or past_value is not None:
                 raise ValueError("cross attention takes no KV cache; pass the context instead")
             return context
         if context is not None:
@@ -263,4 +279,27 @@ def _check_heads(embed_dim: int, num_heads: int, num_kv_heads: int) -> None:
     if num_heads % num_kv_heads:
         raise ValueError(
             f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+        )
+
+
+def _check_pos_embeddings(pos: nn.Module | None, num_heads: int, head_dim: int) -> None:
+    """The encoding must have been built for this attention's heads and head dim."""
+    if isinstance(pos, RotaryEmbedding):
+        built = {"head_dim": 2 * pos.inv_freq.numel()}
+    elif isinstance(pos, ALiBiBias):
+        built = {"num_heads": pos.num_heads}
+    elif isinstance(pos, T5RelativeBias):
+        built = {"num_heads": pos.embedding.embedding_dim}
+    elif isinstance(pos, ShawRelativePosition):
+        built = {"head_dim": pos.key_table.embedding_dim}
+    elif isinstance(pos, TransformerXLRelativeBias):
+        built = {"num_heads": pos.num_heads, "head_dim": pos.head_dim}
+    else:
+        return
+    expected = {"num_heads": num_heads, "head_dim": head_dim}
+    if any(value != expected[name] for name, value in built.items()):
+        wanted = {name: expected[name] for name in built}
+        raise ValueError(
+            f"pos_embeddings ({type(pos).__name__}) was built for {built}, "
+            f"but the attention has {wanted}"
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models._attention import MultiHeadAttention
+from models._attention import MultiHeadAttention, _check_heads
 from models._encodings import RotaryEmbedding, SinusoidalPositionalEncoding
 
 __all__ = ["DecoderLM", "DecoderLayer", "Encoder", "EncoderLayer", "FeedForward"]
@@ -19,8 +19,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, *, embed_dim: int, ffn_dim: int) -> None:
         super().__init__()
-        if ffn_dim <= 0:
-            raise ValueError(f"ffn_dim ({ffn_dim}) must be positive")
+        for name, value in (("embed_dim", embed_dim), ("ffn_dim", ffn_dim)):
+            if value <= 0:
+                raise ValueError(f"{name} ({value}) must be positive")
         self.up = nn.Linear(embed_dim, ffn_dim)
         self.act = nn.GELU()
         self.down = nn.Linear(ffn_dim, embed_dim)
@@ -200,6 +201,8 @@ class DecoderLM(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
             if value <= 0:
                 raise ValueError(f"{name} ({value}) must be positive")
+        # Check the heads before head_dim is derived (num_heads=0 would divide by zero).
+        _check_heads(embed_dim, num_heads, num_heads if num_kv_heads is None else num_kv_heads)
         head_dim = embed_dim // num_heads
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.layers = nn.ModuleList(
