@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from runtime._cli import main as runtime_main
-
 from runtime import report_json, report_junit
+from runtime._cli import main as runtime_main
 
 from ._errors import ExportError, UsageError
 
@@ -177,6 +176,8 @@ def spec_from_factory(target: str):
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ExportError(f"cannot import '{target}': {err}", stage=1) from err
+    if not callable(factory):
+        raise ExportError(f"'{target}' is not callable", stage=1)
     made = factory()
     if isinstance(made, ExportSpec):
         return made

@@ -50,3 +50,7 @@ def nan_output():
 
 def bare_module():
     return SelfAttention()
+
+
+def returns_list():
+    return [SelfAttention()]
