@@ -46,6 +46,8 @@ class ExportSpec:
     source: Mapping[str, object]
     forward_kwargs: Mapping[str, object] = field(default_factory=dict)
     example_inputs: Mapping[str, torch.Tensor] | None = None
+    # Free-form JSON copied into manifest.json's "extra" (e.g. the KV-cache layout).
+    extra: Mapping[str, object] = field(default_factory=dict)
 
     def example_feed(self) -> dict[str, torch.Tensor]:
         if self.example_inputs is not None:

@@ -140,6 +140,7 @@ def _manifest(spec, variants, records, golden, folder, files, opset) -> Manifest
         ),
         parity=tuple(records),
         golden=golden,
+        extra=_jsonable(spec.extra),
     )
 
 
