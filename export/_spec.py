@@ -82,6 +82,7 @@ def spec_from_zoo(entry, **overrides) -> ExportSpec:
             "description": entry.description,
         },
         forward_kwargs=dict(entry.forward_kwargs),
+        extra={"cache": dict(entry.cache)} if getattr(entry, "cache", None) else {},
     )
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "TOLERANCE_CLASSES",
     "InputSpec",
     "UnknownEntryError",
+    "cache_description",
+    "lm_cache",
     "ZooEntry",
     "entries",
     "get",
@@ -83,6 +85,9 @@ class ZooEntry:
     example: Mapping[str, int]
     tolerance: str = "tight"
     forward_kwargs: Mapping[str, object] = field(default_factory=dict)
+    # KV-cache layout for entries with past/present tensors (see cache_description); it is
+    # written to the bundle's manifest as extra["cache"] so the runtime needs no guesswork.
+    cache: Mapping[str, object] | None = None
 
     def build(self, seed: int = SEED, **overrides) -> nn.Module:
         """The module with deterministic weights for ``seed``, in eval mode."""
@@ -185,6 +190,54 @@ def _decoder_layer(**config) -> nn.Module:
     return _layer(DecoderLayer, **config)
 
 
+# --- KV-cache descriptions ----------------------------------------------------------------------
+
+
+def cache_description(
+    *,
+    layout: str,
+    pairs: tuple[tuple[str, str], ...],
+    past_axis: int,
+    batch_axis: int,
+    max_length: int,
+    token_input: str | None = None,
+    logits_output: str | None = None,
+) -> dict[str, object]:
+    """The manifest's extra["cache"]: how a runtime feeds a cached graph step after step.
+
+    Args:
+        layout: the cache tensors' shape in words, e.g. "[L, batch, kv_heads, past, head_dim]".
+        pairs: (past input, present output) per cache tensor, keys first.
+        past_axis: the axis of the past length in each past input (and of past + seq in each
+            present output); batch_axis likewise for the batch.
+        max_length: the most positions a cache may hold (the declared max of the "past" dim).
+        token_input, logits_output: the token-ids input and the logits output of a language
+            model (None for a block that takes hidden states).
+    """
+    return {
+        "version": 1,
+        # Past length 0 is the prefill, past length >= 1 a decode step: one graph serves both.
+        "graphs": "single",
+        "layout": layout,
+        "tensors": [
+            {"past": past, "present": present, "holds": holds}
+            for (past, present), holds in zip(pairs, ("keys", "values"), strict=True)
+        ],
+        "past_dim": "past",
+        "seq_dim": "seq",
+        "batch_dim": "batch",
+        "past_axis": past_axis,
+        "batch_axis": batch_axis,
+        # Keys are stored rotated (RoPE applied at their own position); never rotate again.
+        "keys": "post-rope",
+        # The new tokens sit at positions past .. past + seq - 1 (bottom-right causal mask).
+        "position_offset": "past",
+        "max_length": max_length,
+        "token_input": token_input,
+        "logits_output": logits_output,
+    }
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 D, H, HD = 32, 4, 8  # small default sizes: the whole suite runs in minutes on 2 cores
@@ -218,9 +271,29 @@ def _mha_entry(name, description, config, *, inputs=(X, PAD), dims=None, **kw) -
     )
 
 
+def lm_cache(max_length: int) -> dict[str, object]:
+    """Cache description of DecoderLM: every layer's cache stacked in one tensor."""
+    return cache_description(
+        layout="[L, batch, kv_heads, past, head_dim]",
+        pairs=(("past_keys", "present_keys"), ("past_values", "present_values")),
+        past_axis=3,
+        batch_axis=1,
+        max_length=max_length,
+        token_input="input_ids",
+        logits_output="logits",
+    )
+
+
 def _registry() -> list[ZooEntry]:
     vocab = 97
     cached_dims = {"batch": BATCH, "seq": SEQ, "past": (0, 256)}
+    layer_cache = cache_description(
+        layout="[batch, kv_heads, past, head_dim]",
+        pairs=(("past_key", "present_key"), ("past_value", "present_value")),
+        past_axis=2,
+        batch_axis=0,
+        max_length=cached_dims["past"][1],
+    )
     return [
         ZooEntry(
             name="sinusoidal_pe",
@@ -317,6 +390,7 @@ def _registry() -> list[ZooEntry]:
             inputs=(X, PAST_K, PAST_V),
             outputs=CACHE_OUT,
             dims=cached_dims,
+            cache=layer_cache,
         ),
         ZooEntry(
             name="encoder_layer",
@@ -364,6 +438,7 @@ def _registry() -> list[ZooEntry]:
             outputs=CACHE_OUT,
             dims=cached_dims,
             example=_example("batch", "seq", "past"),
+            cache=layer_cache,
         ),
         ZooEntry(
             name="encoder",
@@ -406,6 +481,7 @@ def _registry() -> list[ZooEntry]:
             dims=cached_dims,
             example=_example("batch", "seq", "past"),
             tolerance="deep",
+            cache=lm_cache(cached_dims["past"][1]),
         ),
     ]
 

@@ -42,6 +42,14 @@ Bundles and running (onnxruntime imported lazily, only when a session is made)
     choose_variant(manifest, provider, name=None) -> Variant
     resolve_provider("auto" | "cpu" | "cuda") -> provider name; available_providers()
 
+Generation with a KV cache (runtime._generate; the layout comes from manifest extra["cache"])
+    Generator(bundle_or_runner, *, provider="auto", variant=None, threads=None)  context manager
+        .generate(prompt_ids, max_new_tokens) -> list[int]   greedy; the new tokens only
+        .steps(prompt_ids, max_new_tokens) -> iterator of Step(token, logits)
+        .step(ids) -> logits [len(ids), V]; .reset(); .length; .max_length; .cache
+    generate(bundle_or_runner, prompt_ids, max_new_tokens, *, provider, threads) -> list[int]
+    CacheLayout.from_manifest(manifest)   the checked cache description
+
 CLI (runtime._cli): main(argv=None, *, extra=None) -> int; add_commands(subparsers)
 """
 
@@ -51,6 +59,7 @@ import onnx as _onnx
 
 from ._bundle import Bundle, GoldenSample, load_bundle
 from ._errors import ArtifactError, AttnxError, InputError, ParityError, ProviderError
+from ._generate import CacheLayout, Generator, Step, generate
 from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -99,6 +108,10 @@ __all__ = [
     "MANIFEST_NAME",
     "ArtifactError",
     "Bundle",
+    "CacheLayout",
+    "Generator",
+    "Step",
+    "generate",
     "GoldenSample",
     "Runner",
     "AttnxError",

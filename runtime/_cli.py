@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import AttnxError, InputError, ParityError, ProviderError
+from ._generate import cmd_generate, generate_args
 from ._parity import (
     ToleranceTable,
     compare,
@@ -62,7 +63,7 @@ def build_parser(extra=None) -> argparse.ArgumentParser:
 
 
 def add_commands(subparsers) -> None:
-    for command in (cmd_run, cmd_verify, cmd_bench, cmd_inspect):
+    for command in (cmd_run, cmd_verify, cmd_bench, cmd_inspect, cmd_generate):
         name = command.__name__.removeprefix("cmd_")
         doc = command.__doc__ or ""
         parser = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc,
@@ -119,7 +120,7 @@ def _inspect_args(parser) -> None:
 
 
 _ARGUMENTS = {"run": _run_args, "verify": _verify_args, "bench": _bench_args,
-              "inspect": _inspect_args}
+              "inspect": _inspect_args, "generate": generate_args}
 
 
 # ---------------------------------------------------------------------------------------------

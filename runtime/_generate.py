@@ -1,0 +1,398 @@
+"""Greedy generation with a bundle's KV cache, torch-free.
+
+A cached bundle describes its cache in manifest.json's extra["cache"] (written by the exporter
+from the zoo entry, see models.zoo.cache_description); CacheLayout reads and checks it, so
+nothing here guesses names, axes or limits:
+
+    "tensors":  [{"past": "past_keys", "present": "present_keys", "holds": "keys"}, ...]
+    "layout":   "[L, batch, kv_heads, past, head_dim]"; past_axis 3, batch_axis 1
+    "keys":     "post-rope" (keys are cached rotated at their own position)
+    "position_offset": "past" (new tokens sit at positions past .. past + seq - 1)
+    "max_length": the most positions a cache may hold (the "past" dim's declared max)
+    "token_input", "logits_output": the LM's token-ids input and logits output
+    "graphs":   "single": one graph serves the prefill (past 0) and every decode step (past >= 1)
+
+Cache capacity: the cache never holds more than max_length positions. Feeding `s` tokens on a
+cache of `p` positions needs p + s <= max_length; a prompt of P tokens and N new tokens feed
+P + N - 1 tokens in all (the last new token is returned, not fed), so generate() accepts
+P + N - 1 <= max_length and refuses more with an InputError before running anything.
+
+Buffers: every step runs through onnxruntime's IO binding. The presents stay where the
+provider put them (device memory on CUDA, ORT-owned memory on CPU) and are bound as the next
+step's pasts without a host round trip; only the token ids go in and the logits come out.
+The exported graph concatenates past and new keys, so each present is a fresh buffer (a fixed
+-capacity in-place cache would need a different graph, e.g. GroupQueryAttention's shared
+buffer).
+
+    with Generator("artifacts/decoder_lm", provider="cpu") as gen:
+        new_tokens = gen.generate([5, 17, 2], max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import ArtifactError, InputError
+from ._manifest import MANIFEST_NAME, Manifest
+from ._runner import Runner
+from ._session import CUDA, ort_errors
+
+CACHE_VERSION = 1
+_CACHE_KEYS = ("version", "graphs", "layout", "tensors", "past_dim", "seq_dim", "batch_dim",
+               "past_axis", "batch_axis", "keys", "position_offset", "max_length",
+               "token_input", "logits_output")
+
+
+def _bad(key: str, what: str) -> ArtifactError:
+    return ArtifactError(f"{MANIFEST_NAME}: extra.cache.{key}: {what}")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The KV-cache description of a bundle (manifest extra["cache"]), checked against the
+    manifest's inputs, outputs and dims."""
+
+    pasts: tuple[str, ...]
+    presents: tuple[str, ...]
+    layout: str
+    past_dim: str
+    seq_dim: str
+    batch_dim: str
+    past_axis: int
+    batch_axis: int
+    max_length: int
+    token_input: str | None
+    logits_output: str | None
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> CacheLayout:
+        """Read extra["cache"]; ArtifactError naming the key when it is absent or wrong."""
+        raw = manifest.extra.get("cache")
+        if raw is None:
+            raise ArtifactError(f"bundle {manifest.name!r} declares no KV cache (no "
+                                f"extra.cache in {MANIFEST_NAME}); it cannot be decoded "
+                                "step by step")
+        if not isinstance(raw, Mapping):
+            raise _bad("", f"expected an object, got {type(raw).__name__}")
+        missing = [k for k in _CACHE_KEYS if k not in raw]
+        if missing:
+            raise _bad(missing[0], "missing required key")
+        if raw["version"] != CACHE_VERSION:
+            raise _bad("version", f"expected {CACHE_VERSION}, got {raw['version']!r} "
+                       "(a newer cache format; upgrade attnx)")
+        for key, want in (("graphs", "single"), ("position_offset", "past")):
+            if raw[key] != want:
+                raise _bad(key, f"this attnx runs one graph for prefill and decode whose "
+                           f"positions continue from the past length ({key} {want!r}), got "
+                           f"{raw[key]!r}")
+        inputs = {t.name: t for t in manifest.inputs}
+        outputs = {t.name: t for t in manifest.outputs}
+        dims = {k: raw[k] for k in ("past_dim", "seq_dim", "batch_dim")}
+        for key, dim in dims.items():
+            if not isinstance(dim, str) or dim not in manifest.dims:
+                raise _bad(key, f"{dim!r} is not a dim of the bundle ({', '.join(manifest.dims)})")
+        tensors = raw["tensors"]
+        if not isinstance(tensors, list) or not tensors:
+            raise _bad("tensors", "expected a non-empty list of {past, present} objects")
+        pasts, presents = [], []
+        for i, t in enumerate(tensors):
+            past, present = _name(t, "past"), _name(t, "present")
+            if past not in inputs:
+                raise _bad(f"tensors[{i}].past", f"{_raw(t, 'past')!r} is not an input of the "
+                           "bundle")
+            if present not in outputs:
+                raise _bad(f"tensors[{i}].present", f"{_raw(t, 'present')!r} is not an output "
+                           "of the bundle")
+            _check_past_shape(inputs[past], i, raw, dims)
+            pasts.append(past)
+            presents.append(present)
+        max_length = raw["max_length"]
+        past_max = manifest.dims[dims["past_dim"]].max
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not (
+                1 <= max_length <= past_max):
+            raise _bad("max_length", f"expected an integer in 1..{past_max} (the "
+                       f"{dims['past_dim']!r} dim's max), got {max_length!r}")
+        token, logits = raw["token_input"], raw["logits_output"]
+        if token is not None and _name(raw, "token_input") not in inputs:
+            raise _bad("token_input", f"{token!r} is not an input of the bundle")
+        if logits is not None and _name(raw, "logits_output") not in outputs:
+            raise _bad("logits_output", f"{logits!r} is not an output of the bundle")
+        return cls(tuple(pasts), tuple(presents), str(raw["layout"]), dims["past_dim"],
+                   dims["seq_dim"], dims["batch_dim"], raw["past_axis"], raw["batch_axis"],
+                   max_length, token, logits)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.token_input is not None and self.logits_output is not None
+
+
+def _name(obj: Any, key: str) -> str | None:
+    """obj[key] when obj is an object and that is a string, else None (never unhashable)."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def _raw(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else obj
+
+
+def _check_past_shape(spec, i: int, raw: Mapping[str, Any], dims: Mapping[str, str]) -> None:
+    """The past input has the past dim at past_axis, the batch dim at batch_axis and static
+    sizes elsewhere (so that an empty cache can be made from the manifest alone)."""
+    shape = list(spec.shape)
+    for key, dim in (("past_axis", dims["past_dim"]), ("batch_axis", dims["batch_dim"])):
+        axis = raw[key]
+        ok = isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < len(shape)
+        if not ok or shape[axis] != dim:
+            raise _bad(key, f"axis {axis!r} of input {spec.name!r} (shape {shape}) is not "
+                       f"the {dim!r} dim")
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, str) and axis not in (raw["past_axis"], raw["batch_axis"]):
+            raise _bad(f"tensors[{i}].past", f"input {spec.name!r} (shape {shape}) has the "
+                       f"dynamic dim {dim!r} at axis {axis}; a cache may vary only in batch "
+                       "and past")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and the logits it was chosen from ([V], float32)."""
+
+    token: int
+    logits: np.ndarray
+
+
+class Generator:
+    """Greedy decoding of a language-model bundle with its KV cache (batch 1).
+
+    `source` is a bundle folder, a loaded Bundle or an open Runner (which the generator then
+    does not close). provider/variant/threads go to the Runner it opens.
+    """
+
+    def __init__(self, source: str | os.PathLike | Any, *, provider: str = "auto",
+                 variant: str | None = None, threads: int | None = None):
+        self._owns_runner = not isinstance(source, Runner)
+        runner = (Runner(source, provider=provider, variant=variant, threads=threads)
+                  if self._owns_runner else source)
+        try:
+            self.cache = CacheLayout.from_manifest(runner.manifest)
+            if not self.cache.is_lm:
+                raise InputError(f"bundle {runner.manifest.name!r} caches a block, not a "
+                                 "language model (no token_input/logits_output in "
+                                 "extra.cache); generate needs token ids in and logits out")
+        except BaseException:
+            if self._owns_runner:
+                runner.close()
+            raise
+        self.runner = runner
+        self.manifest: Manifest = runner.manifest
+        self._device = "cuda" if runner.provider == CUDA else "cpu"
+        self._inputs = {t.name: t for t in self.manifest.inputs}
+        logits = next(t for t in self.manifest.outputs if t.name == self.cache.logits_output)
+        self.vocab_size = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        self._errors = ort_errors()
+        self._seq = self.manifest.dims[self.cache.seq_dim]
+        self._state: list[Any] | None = None
+        self.length = 0  # positions in the cache
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._state = None
+        if self._owns_runner:
+            self.runner.close()
+
+    @property
+    def max_length(self) -> int:
+        """The most positions the cache may hold."""
+        return self.cache.max_length
+
+    def reset(self) -> None:
+        """Forget the cache: the next step is a prefill (past length 0)."""
+        self._state = None
+        self.length = 0
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        """Feed `ids` after the cached positions; returns their logits [len(ids), V] (float32,
+        a copy). With an empty cache this is the prefill; a later call with several ids is a
+        chunk whose queries are bottom-right aligned to the cache."""
+        tokens = self._token_array(ids)
+        seq = tokens.shape[1]
+        if not self._seq.min <= seq <= self._seq.max:
+            raise InputError(f"cannot feed {seq} tokens in one step: the bundle's "
+                             f"{self.cache.seq_dim!r} dim allows {self._seq.min}.."
+                             f"{self._seq.max}")
+        if self.length + seq > self.max_length:
+            raise InputError(f"KV cache full: {self.length} cached + {seq} new positions "
+                             f"exceed the bundle's maximum length {self.max_length} (the "
+                             f"declared max of dim {self.cache.past_dim!r}); reset() or "
+                             "export with a larger past range")
+        session = self.runner.session
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.cache.token_input, tokens)
+        for i, name in enumerate(self.cache.pasts):
+            if self._state is None:
+                binding.bind_cpu_input(name, self._empty_past(name))
+            else:
+                binding.bind_ortvalue_input(name, self._state[i])
+        names = self.manifest.output_names
+        for name in names:
+            device = "cpu" if name not in self.cache.presents else self._device
+            binding.bind_output(name, device)
+        try:
+            session.run_with_iobinding(binding)
+        except self._errors as e:  # the step matched the manifest: the bundle's fault
+            raise ArtifactError(f"{self.runner.label}: onnxruntime failed on a decode step: "
+                                f"{e}") from None
+        values = dict(zip(names, binding.get_outputs(), strict=True))
+        state = [values[name] for name in self.cache.presents]
+        for name, value in zip(self.cache.presents, state, strict=True):
+            got = value.shape()[self.cache.past_axis]
+            if got != self.length + seq:
+                raise ArtifactError(f"{self.runner.label}: present {name!r} holds {got} "
+                                    f"positions on axis {self.cache.past_axis}, expected "
+                                    f"{self.length} past + {seq} new = {self.length + seq}")
+        self._state = state
+        self.length += seq
+        return np.array(values[self.cache.logits_output].numpy()[0], copy=True)
+
+    def steps(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Iterator[Step]:
+        """Check the request, then (lazily) prefill `prompt_ids` on a fresh cache and yield
+        each greedy token with the logits it was chosen from. A prompt longer than the seq
+        dim's max is prefilled in chunks (each chunk attends to the ones before it)."""
+        self.check_request(int(np.asarray(prompt_ids).size), max_new_tokens)
+        prompt = self._token_array(prompt_ids)[0]
+        return self._steps(prompt, max_new_tokens)
+
+    def _steps(self, prompt: np.ndarray, max_new_tokens: int) -> Iterator[Step]:
+        self.reset()
+        chunk = self._seq.max
+        for start in range(0, len(prompt), chunk):
+            logits = self.step(prompt[start:start + chunk])[-1]
+        for i in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            yield Step(token, logits)
+            if i + 1 < max_new_tokens:
+                logits = self.step([token])[-1]
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy decoding: the `max_new_tokens` new token ids (the prompt is not repeated)."""
+        return [s.token for s in self.steps(prompt_ids, max_new_tokens)]
+
+    def check_request(self, prompt_length: int, max_new_tokens: int) -> None:
+        """InputError unless a prompt of this length and this many new tokens fit the bundle."""
+        if prompt_length < 1:
+            raise InputError("the prompt is empty: give at least one token id")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+                max_new_tokens < 0):
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        fed = prompt_length + max(max_new_tokens - 1, 0)
+        if fed > self.max_length:
+            raise InputError(f"a prompt of {prompt_length} tokens and {max_new_tokens} new "
+                             f"tokens need a KV cache of {fed} positions, above the bundle's "
+                             f"maximum length {self.max_length} (the declared max of dim "
+                             f"{self.cache.past_dim!r}); at most "
+                             f"{max(self.max_length - prompt_length + 1, 0)} new tokens fit")
+
+    def _token_array(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise InputError(f"token ids must be a flat sequence of integers, got "
+                             f"{arr.dtype.name} with shape {list(arr.shape)}")
+        if arr.size == 0:
+            raise InputError("no token ids to feed: give at least one")
+        if self.vocab_size is not None and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+            raise InputError(f"token id {bad} is outside the vocabulary 0..{self.vocab_size - 1}")
+        return arr.astype(np.int64)[None]  # [1, s]
+
+    def _empty_past(self, name: str) -> np.ndarray:
+        """The prefill's past: size 0 on the past axis, batch 1, the static sizes elsewhere
+        (CacheLayout checked that every other dim is static)."""
+        spec = self._inputs[name]
+        shape = [0 if a == self.cache.past_axis else 1 if a == self.cache.batch_axis else d
+                 for a, d in enumerate(spec.shape)]
+        return np.zeros(shape, np.dtype(spec.dtype))
+
+
+def generate(source, prompt_ids: Sequence[int], max_new_tokens: int, *,
+             provider: str = "auto", threads: int | None = None) -> list[int]:
+    """Greedy decoding of `max_new_tokens` tokens after `prompt_ids` with an LM bundle (a
+    folder, a Bundle or a Runner); returns the new token ids. See Generator."""
+    with Generator(source, provider=provider, threads=threads) as gen:
+        return gen.generate(prompt_ids, max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# `attnx generate` (registered by runtime._cli)
+
+
+def _token_ids(text: str) -> list[int]:
+    import argparse
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def generate_args(parser) -> None:
+    from ._session import PROVIDER_CHOICES
+
+    parser.add_argument("bundle", metavar="BUNDLE")
+    parser.add_argument("--prompt-ids", type=_token_ids, required=True, metavar="1,2,3",
+                        help="the prompt's token ids, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, required=True, metavar="N")
+    parser.add_argument("--variant", help="variant name (default: best that passed parity)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads (default: usable CPUs)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
+                        help="auto (CUDA if onnxruntime offers it), cpu or cuda (default: auto)")
+
+
+def cmd_generate(args) -> int:
+    """Greedy generation with a language-model bundle and its KV cache (no torch needed).
+
+    Prefills the prompt (past length 0), then runs one decode step per new token, feeding each
+    step's present keys/values back as the next past. Prints the new token ids.
+
+    Example: attnx generate artifacts/decoder_lm --prompt-ids 1,2,3 --max-new-tokens 16
+    """
+    import json
+    import time
+
+    with Generator(args.bundle, provider=args.provider, variant=args.variant,
+                   threads=args.threads) as gen:
+        steps = gen.steps(args.prompt_ids, args.max_new_tokens)
+        start = time.perf_counter()
+        tokens, first = [], None
+        for step in steps:
+            tokens.append(step.token)
+            first = time.perf_counter() if first is None else first
+        end = time.perf_counter()
+        decode_s = end - first if first is not None else 0.0
+        result = {"name": gen.manifest.name, "variant": gen.runner.variant.name,
+                  "provider": gen.runner.provider, "prompt_length": len(args.prompt_ids),
+                  "tokens": tokens, "cache_length": gen.length,
+                  "prefill_ms": ((first or end) - start) * 1e3, "decode_ms": decode_s * 1e3,
+                  "decode_tokens_per_s": (len(tokens) - 1) / decode_s if decode_s else None}
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    rate = result["decode_tokens_per_s"]
+    print(f"{result['name']}: variant {result['variant']} on {result['provider']}; prompt "
+          f"{result['prompt_length']} tokens, prefill {result['prefill_ms']:.1f} ms, "
+          f"{len(tokens)} new tokens" + (f", decode {rate:.0f} tokens/s" if rate else ""))
+    print(",".join(map(str, tokens)))
+    return 0
