@@ -9,10 +9,12 @@ import onnx
 from runtime import Manifest, ParityRecord, Tolerance
 from runtime._bundle import load_bundle
 
+from ._decode import measure_decode
 from ._errors import ExportError
 from ._grid import default_grid
 from ._pipeline import measure_grid
 from ._spec import ExportSpec, spec_from_zoo
+from ._variants import CPU
 
 ZOO_PREFIX = "models.zoo:"
 
@@ -26,9 +28,15 @@ def check_bundle(path: Path) -> list[ParityRecord]:
     grid = default_grid({n: (r.min, r.max) for n, r in manifest.dims.items()}, example)
     records = []
     for variant in manifest.variants:
+        if CPU not in variant.providers:
+            # torch runs on the CPU here; an fp16 graph for CUDA is checked on CUDA by
+            # `attnx verify --provider cuda` (onnxruntime 1.32 even crashes creating a CPU
+            # session for some fp16 graphs).
+            continue
         model = onnx.load(str(Path(path) / variant.file))
         spec.tolerance = {k: Tolerance(t.atol, t.rtol) for k, t in variant.tolerance.items()}
         records += measure_grid(spec, {variant.name: model}, grid)
+        records += measure_decode(spec, {variant.name: model}, cache=manifest.extra.get("cache"))
     return records
 
 

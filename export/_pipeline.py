@@ -19,11 +19,21 @@ import numpy as np
 import onnx
 import torch
 
-from runtime import ParityError, ParityRecord, ToleranceTable, check, compare, parity_record
+from runtime import (
+    OutputParity,
+    ParityError,
+    ParityRecord,
+    ToleranceTable,
+    check,
+    compare,
+    parity_record,
+)
 
+from ._decode import decode_stage
 from ._errors import STAGES, ExportError
 from ._grid import default_grid
 from ._spec import ExportSpec
+from ._variants import CPU, LOSSY, VariantBuild, build_variants, time_variants
 
 # Opset 18 is the one torch's ONNX translation library is written at, so the graph needs no
 # version conversion, and it runs on every onnxruntime from 1.14 on (Triton images, mobile and
@@ -51,6 +61,8 @@ class ExportStatus:
     stages: list[StageStatus] = field(
         default_factory=lambda: [StageStatus(i + 1, n) for i, n in enumerate(STAGES)]
     )
+    # Optional variants that missed parity, and why; they are not written.
+    dropped: dict[str, str] = field(default_factory=dict)
 
     def stage(self, index: int) -> StageStatus:
         return self.stages[index - 1]
@@ -81,6 +93,7 @@ def run_pipeline(
     opset: int = DEFAULT_OPSET,
     grid: list[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
+    variants: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export ``spec`` and prove parity over ``grid`` (default: default_grid); write the bundle
     to ``out/<name>`` when ``out`` is given. Raises ExportError or ParityError."""
@@ -93,8 +106,11 @@ def run_pipeline(
 
     model = _stage(status, 1, say, lambda: capture(spec, opset))
     _stage(status, 2, say, lambda: check_graph(model, spec))
-    variants = _stage(status, 3, say, lambda: {"base": model})
-    records = _stage(status, 4, say, lambda: _parity(spec, variants, grid, status))
+    builds = _stage(status, 3, say, lambda: build_variants(spec, model, opset, variants))
+    status.stage(3).detail = ", ".join(builds)
+    variants = {name: b.model for name, b in builds.items()}
+    records = _stage(status, 4, say, lambda: _parity(spec, builds, grid, status))
+    time_variants(spec, builds)
     bundle = None
     if out is not None:
         from ._writer import write_bundle
@@ -103,22 +119,46 @@ def run_pipeline(
             status,
             5,
             say,
-            lambda: write_bundle(spec, variants, records, grid, status, Path(out), opset),
+            lambda: write_bundle(spec, builds, records, grid, status, Path(out), opset),
         )
     return ExportResult(
         spec.name, status, records, bundle, opset, time.perf_counter() - start, model
     )
 
 
-def _parity(spec, variants, grid, status: ExportStatus) -> list[ParityRecord]:
-    records = measure_grid(spec, variants, grid)
-    status.stage(4).detail = f"{sum(r.passed for r in records)}/{len(records)} points passed"
+def _parity(spec, builds, grid, status: ExportStatus) -> list[ParityRecord]:
+    """The base graph must pass the grid (and the decode loop, for cached blocks); an optional
+    variant that misses is dropped from the bundle with the reason noted, never kept."""
+    records = measure_grid(spec, builds, grid)
+    base = [r for r in records if r.variant == "base"]
+    status.stage(4).detail = f"{sum(r.passed for r in base)}/{len(base)} points passed"
     try:
-        check(records)
+        check(base)
+        decode_stage(spec, {"base": builds["base"].model}, status)
     except ParityError as err:
-        err.all_records = records  # the CLI's summary counts passing points too
+        err.all_records = base  # the CLI's summary counts passing points too
         raise
-    return records
+    for name in [n for n in builds if n != "base"]:
+        reason = _variant_miss(spec, name, builds[name], records, status)
+        if reason:
+            status.dropped[name] = reason
+            del builds[name]
+    if status.dropped:
+        status.stage(4).detail += "; dropped " + ", ".join(status.dropped)
+    return [r for r in records if r.variant in builds]
+
+
+def _variant_miss(spec, name, build: VariantBuild, records, status) -> str:
+    """Why an optional variant fails (first failing line), or "" when it passes."""
+    failing = [r for r in records if r.variant == name and not r.passed]
+    try:
+        check(failing)
+        if CPU in build.providers and name not in LOSSY:
+            # The decode loop is checked at the block's own tolerance; lossy variants skip it.
+            decode_stage(spec, {name: build.model}, status)
+    except ParityError as err:
+        return str(err).splitlines()[1].strip()
+    return ""
 
 
 def _stage(status: ExportStatus, index: int, say: Progress, work):
@@ -148,7 +188,7 @@ def _line(status: ExportStatus, index: int) -> str:
 # --- stage 1: capture -------------------------------------------------------------------------
 
 
-def capture(spec: ExportSpec, opset: int) -> onnx.ModelProto:
+def capture(spec: ExportSpec, opset: int, custom_translation_table=None) -> onnx.ModelProto:
     """torch.onnx.export(dynamo=True) with dynamic_shapes built from the spec's dims."""
     feed = spec.example_feed()
     _check_examples(spec, feed)
@@ -163,6 +203,7 @@ def capture(spec: ExportSpec, opset: int) -> onnx.ModelProto:
                 dynamic_shapes=dynamic_shapes,
                 output_names=list(spec.output_names) if spec.output_names else None,
                 opset_version=opset,
+                custom_translation_table=custom_translation_table,
                 dynamo=True,
                 optimize=True,
                 verbose=False,
@@ -314,22 +355,70 @@ def _check_symbolic(model: onnx.ModelProto, spec: ExportSpec) -> None:
 
 
 def measure_grid(
-    spec: ExportSpec, variants: Mapping[str, onnx.ModelProto], grid: list[Mapping[str, int]]
+    spec: ExportSpec,
+    variants: Mapping[str, onnx.ModelProto | VariantBuild],
+    grid: list[Mapping[str, int]],
 ) -> list[ParityRecord]:
-    """One ParityRecord per variant and grid point: ONNX Runtime against torch eager."""
-    table = ToleranceTable(by_dtype=dict(spec.tolerance))
+    """One ParityRecord per CPU variant and grid point: ONNX Runtime against torch eager, at
+    each variant's own tolerance (the spec's for plain graphs)."""
     records = []
     for variant, model in variants.items():
+        tolerance = spec.tolerance
+        if isinstance(model, VariantBuild):
+            if CPU not in model.providers:
+                continue  # fp16 is for CUDA; `attnx verify --provider cuda` checks it there
+            model, tolerance = model.model, model.tolerance
+        table = ToleranceTable(by_dtype=dict(tolerance))
         session = make_session(model)
         names = [o.name for o in session.get_outputs()]
         for point in grid:
             feed = spec.make_inputs(point)
             expected = eager_outputs(spec, feed, names)
-            actual = dict(zip(names, session.run(None, to_numpy(feed)), strict=True))
+            try:
+                actual = dict(zip(names, session.run(None, to_numpy(feed)), strict=True))
+            except _ort_failure() as err:
+                outputs = _run_failed(expected, table, err)
+                records.append(parity_record(variant, PROVIDER, point, outputs))
+                continue
             records.append(
                 parity_record(variant, PROVIDER, point, compare(actual, expected, table))
             )
     return records
+
+
+def _ort_failure() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented)
+
+
+def _run_failed(expected, table: ToleranceTable, err: BaseException) -> list[OutputParity]:
+    """Failing records for every output of a run that onnxruntime refused."""
+    reason = f"onnxruntime failed: {str(err).splitlines()[0][:240]}"
+    nan = float("nan")
+    outputs = []
+    for name, ref in expected.items():
+        tol = table.lookup(name, str(ref.dtype))
+        outputs.append(
+            OutputParity(
+                name,
+                str(ref.dtype),
+                tuple(ref.shape),
+                nan,
+                nan,
+                nan,
+                1.0,
+                (),
+                0,
+                0,
+                tol.atol,
+                tol.rtol,
+                nan,
+                False,
+                reason,
+            )
+        )
+    return outputs
 
 
 def make_session(model: onnx.ModelProto):
@@ -338,7 +427,7 @@ def make_session(model: onnx.ModelProto):
     options = ort.SessionOptions()
     # Parity compares numbers, not speed: the default optimization level is what the runtime
     # uses too, so fusions that change rounding are part of what is checked.
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing variant is reported as a record, not a log line
     return ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER])
 
 

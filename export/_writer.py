@@ -32,15 +32,15 @@ from runtime import (
 
 from ._errors import ExportError
 from ._spec import ExportSpec
+from ._variants import LOSSY, VariantBuild, timing_point
 
 # Protobuf cannot serialize a model above 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024
-PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
 def write_bundle(
     spec: ExportSpec,
-    variants: Mapping[str, onnx.ModelProto],
+    variants: Mapping[str, VariantBuild],
     records: list[ParityRecord],
     grid: list[Mapping[str, int]],
     status,
@@ -52,11 +52,11 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out))
     try:
         files = {}
-        for name, model in variants.items():
-            files.update(_save_model(model, tmp, _model_file(name)))
-        golden = _write_golden(spec, variants["base"], grid, tmp / "golden.npz")
+        for name, build in variants.items():
+            files.update(_save_model(build.model, tmp, _model_file(name)))
+        golden = _write_golden(spec, variants["base"].model, grid, tmp / "golden.npz")
         files["golden.npz"] = None
-        manifest = _manifest(spec, variants, records, golden, tmp, list(files), opset)
+        manifest = _manifest(spec, variants, records, golden, tmp, list(files), opset, status)
         report = _report(spec, manifest, status)
         (tmp / "report.md").write_text(report, encoding="utf-8")
         manifest = _with_files(manifest, tmp, [*files, "report.md"])
@@ -115,8 +115,8 @@ def _tensor_specs(graph_values) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _manifest(spec, variants, records, golden, folder, files, opset) -> Manifest:
-    base = variants["base"]
+def _manifest(spec, variants, records, golden, folder, files, opset, status) -> Manifest:
+    base = variants["base"].model
     inputs = tuple(
         TensorSpec(d.name, str(d.dtype).removeprefix("torch."), tuple(d.shape)) for d in spec.inputs
     )
@@ -133,15 +133,36 @@ def _manifest(spec, variants, records, golden, folder, files, opset) -> Manifest
             Variant(
                 name=name,
                 file=_model_file(name),
-                providers=PROVIDERS,
-                tolerance=dict(spec.tolerance),
+                providers=build.providers,
+                tolerance=dict(build.tolerance),
             )
-            for name in variants
+            for name, build in variants.items()
         ),
         parity=tuple(records),
         golden=golden,
-        extra=_jsonable(spec.extra),
+        extra=_jsonable(
+            {
+                **spec.extra,
+                "variants": _variant_notes(variants, spec.dims),
+                "dropped_variants": dict(status.dropped),
+            }
+        ),
     )
+
+
+def _variant_notes(variants: Mapping[str, VariantBuild], spec_dims) -> dict:
+    """What the runtime and `attnx inspect` need beyond the Variant schema: lossy variants are
+    never chosen automatically; census and source say what each variant changed."""
+    return {
+        name: {
+            "lossy": name in LOSSY,
+            "derived_from": build.derived_from,
+            "census": build.census,
+            "median_ms": build.median_ms,
+            "timing_point": timing_point(spec_dims),
+        }
+        for name, build in variants.items()
+    }
 
 
 def _with_files(manifest: Manifest, folder: Path, files: list[str]) -> Manifest:

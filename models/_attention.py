@@ -27,6 +27,7 @@ from models._encodings import (
     _ScoreBias,
     relative_distances,
 )
+from models._kernels import causal_attention, repeat_kv
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
 
@@ -80,15 +81,6 @@ def _attention_with_value_term(
     if attn_mask is not None:
         probs = torch.where(_has_valid_key(attn_mask), probs, torch.zeros_like(probs))
     return probs @ v + pos.value_term(probs)  # [b, h, s, h_d]
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[b, h_kv, s_kv, h_d] -> [b, h_kv * n_rep, s_kv, h_d]; head i uses kv head i // n_rep."""
-    if n_rep == 1:
-        return x
-    b, h_kv, s_kv, h_d = x.shape
-    x = x[:, :, None].expand(b, h_kv, n_rep, s_kv, h_d)  # [b, h_kv, n_rep, s_kv, h_d]
-    return x.reshape(b, h_kv * n_rep, s_kv, h_d)  # [b, h, s_kv, h_d]
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -215,7 +207,7 @@ class MultiHeadAttention(nn.Module):
         if past_key is not None:
             k = torch.cat((past_key, k), dim=2)  # [b, h_kv, p + s, h_d]
             v = torch.cat((past_value, v), dim=2)  # [b, h_kv, p + s, h_d]
-        out = self._attend(q, k, v, key_padding_mask)  # [b, h, s, h_d]
+        out = self._attend(q, k, v, key_padding_mask, past_key is not None)  # [b, h, s, h_d]
         out = out.transpose(1, 2).flatten(2)  # [b, s, d]
         out = self.out_proj(out)
         if use_cache or past_key is not None:
@@ -235,13 +227,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("past_key and past_value must be given together")
         return x
 
-    def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
+    def _attend(self, q, k, v, key_padding_mask, cached: bool) -> torch.Tensor:
         """q [b, h, s, h_d], k/v [b, h_kv, s_kv, h_d] -> [b, h, s, h_d]."""
-        n_rep = self.num_heads // self.num_kv_heads
-        k = _repeat_kv(k, n_rep)  # [b, h, s_kv, h_d]
-        v = _repeat_kv(v, n_rep)  # [b, h, s_kv, h_d]
-        allowed = self._allowed(q.shape[2], k.shape[2], key_padding_mask, q.device)
         pos = self.pos_embeddings
+        plain_causal = (
+            self.causal and self.window is None and key_padding_mask is None and not cached
+        )
+        if plain_causal and not isinstance(pos, _ScoreBias):
+            return causal_attention(q, k, v)
+        n_rep = self.num_heads // self.num_kv_heads
+        k = repeat_kv(k, n_rep)  # [b, h, s_kv, h_d]
+        v = repeat_kv(v, n_rep)  # [b, h, s_kv, h_d]
+        allowed = self._allowed(q.shape[2], k.shape[2], key_padding_mask, q.device)
         if not isinstance(pos, _ScoreBias):
             return scaled_dot_product_attention(q, k, v, allowed)
         mask = pos.score_bias(q, k)  # [b|1, h, s, s_kv], on the scale of the scaled scores

@@ -36,9 +36,23 @@ def passed_on(manifest: Manifest, variant: Variant, provider: str) -> bool:
 
 
 def rank_variants(manifest: Manifest, candidates: list[Variant], provider: str) -> list[Variant]:
-    """The order in which usable variants are preferred. Hook: today manifest order; once
-    bundles carry benchmark records (in `extra`), the fastest first."""
-    return list(candidates)
+    """Fastest first, by the median latency the exporter measured for `provider` on the same
+    inputs for every variant (manifest extra.variants.<name>.median_ms); variants without a
+    measurement keep manifest order, after the measured ones."""
+    notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
+
+    def latency(variant: Variant) -> float:
+        measured = notes.get(variant.name, {}).get("median_ms", {}).get(provider)
+        return float(measured) if isinstance(measured, int | float) else float("inf")
+
+    return sorted(candidates, key=latency)  # stable: unmeasured ones keep manifest order
+
+
+def is_lossy(manifest: Manifest, variant: Variant) -> bool:
+    """int8/fp16 variants pass parity only at their own looser tolerance; the runner never
+    picks them unless asked by name."""
+    notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
+    return bool(notes.get(variant.name, {}).get("lossy", False))
 
 
 def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -> Variant:
@@ -51,7 +65,8 @@ def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -
             raise ProviderError(f"variant {name!r} is meant for {', '.join(variant.providers)}"
                                 f", not {provider}")
         return variant
-    usable = [v for v in variants_for(manifest, provider) if passed_on(manifest, v, provider)]
+    usable = [v for v in variants_for(manifest, provider)
+              if passed_on(manifest, v, provider) and not is_lossy(manifest, v)]
     if not usable:
         raise ProviderError(f"bundle {manifest.name!r} has no variant for {provider} that "
                             f"passed parity (variants: " + ", ".join(

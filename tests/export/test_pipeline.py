@@ -57,7 +57,10 @@ def test_bundle_files_match_manifest_hashes(zoo_bundles):
     folder = zoo_bundles["kv_cache"]
     manifest = json.loads((folder / "manifest.json").read_text())
     listed = {f["path"] for f in manifest["files"]}
-    assert listed == {"model.onnx", "golden.npz", "report.md"}
+    on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    assert listed == on_disk
+    assert {"model.onnx", "model.fused.onnx", "golden.npz", "report.md"} <= listed
+    assert {v["file"] for v in manifest["variants"]} <= listed
     for entry in manifest["files"]:
         data = (folder / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
