@@ -29,6 +29,8 @@ from models._layers import DecoderLayer, DecoderLM, Encoder, EncoderLayer
 __all__ = [
     "TOLERANCE_CLASSES",
     "InputSpec",
+    "SMALL",
+    "Size",
     "UnknownEntryError",
     "cache_description",
     "lm_cache",
@@ -36,6 +38,7 @@ __all__ = [
     "entries",
     "get",
     "names",
+    "scaled",
 ]
 
 # float32 tolerances per class. "tight" blocks are one attention deep; "deep" ones chain
@@ -240,35 +243,31 @@ def cache_description(
 
 # --- the registry -------------------------------------------------------------------------------
 
-D, H, HD = 32, 4, 8  # small default sizes: the whole suite runs in minutes on 2 cores
-BATCH = (1, 16)
-SEQ = (1, 256)
-EXAMPLE = {"batch": 2, "seq": 7, "kv_seq": 5, "past": 3}
 
-X = InputSpec("x", ("batch", "seq", D))
-PAD = InputSpec("key_padding_mask", ("batch", "seq"), "padding")
-PAST_K = InputSpec("past_key", ("batch", 2, "past", HD))
-PAST_V = InputSpec("past_value", ("batch", 2, "past", HD))
+@dataclass(frozen=True)
+class Size:
+    """Sizes of the zoo's blocks: small by default (the test suite runs in minutes on 2 cores);
+    benchmarks build the same entries at ``Size(d=512, heads=8, ...)`` through ``scaled``."""
+
+    d: int = 32
+    heads: int = 4
+    max_seq: int = 256
+    max_batch: int = 16
+    vocab: int = 97
+    window: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.d // self.heads
+
+
+SMALL = Size()
+EXAMPLE = {"batch": 2, "seq": 7, "kv_seq": 5, "past": 3}
 CACHE_OUT = ("y", "present_key", "present_value")
 
 
 def _example(*dims: str) -> dict[str, int]:
     return {d: EXAMPLE[d] for d in dims}
-
-
-def _mha_entry(name, description, config, *, inputs=(X, PAD), dims=None, **kw) -> ZooEntry:
-    dims = dims or {"batch": BATCH, "seq": SEQ}
-    return ZooEntry(
-        name=name,
-        description=description,
-        factory=_mha,
-        config={"embed_dim": D, "num_heads": H, **config},
-        inputs=inputs,
-        outputs=kw.pop("outputs", ("y",)),
-        dims=dims,
-        example=_example(*dims),
-        **kw,
-    )
 
 
 def lm_cache(max_length: int) -> dict[str, object]:
@@ -284,9 +283,31 @@ def lm_cache(max_length: int) -> dict[str, object]:
     )
 
 
-def _registry() -> list[ZooEntry]:
-    vocab = 97
-    cached_dims = {"batch": BATCH, "seq": SEQ, "past": (0, 256)}
+def _registry(size: Size = SMALL) -> list[ZooEntry]:
+    D, H, HD, vocab = size.d, size.heads, size.head_dim, size.vocab  # noqa: N806
+    BATCH, SEQ = (1, size.max_batch), (1, size.max_seq)  # noqa: N806
+    X = InputSpec("x", ("batch", "seq", D))  # noqa: N806
+    PAD = InputSpec("key_padding_mask", ("batch", "seq"), "padding")  # noqa: N806
+    PAST_K = InputSpec("past_key", ("batch", 2, "past", HD))  # noqa: N806
+    PAST_V = InputSpec("past_value", ("batch", 2, "past", HD))  # noqa: N806
+    cached_dims = {"batch": BATCH, "seq": SEQ, "past": (0, size.max_seq)}
+    # Multi-query attention over 1.5x the heads: a head count that is not a power of two.
+    mqa_heads = H + H // 2
+
+    def mha_entry(name, description, config, *, inputs=(X, PAD), dims=None, **kw) -> ZooEntry:
+        dims = dims or {"batch": BATCH, "seq": SEQ}
+        return ZooEntry(
+            name=name,
+            description=description,
+            factory=_mha,
+            config={"embed_dim": D, "num_heads": H, **config},
+            inputs=inputs,
+            outputs=kw.pop("outputs", ("y",)),
+            dims=dims,
+            example=_example(*dims),
+            **kw,
+        )
+
     layer_cache = cache_description(
         layout="[batch, kv_heads, past, head_dim]",
         pairs=(("past_key", "present_key"), ("past_value", "present_value")),
@@ -302,17 +323,17 @@ def _registry() -> list[ZooEntry]:
             config={"dim": D},
             inputs=(X,),
             outputs=("y",),
-            dims={"batch": BATCH, "seq": (1, 4096)},
+            dims={"batch": BATCH, "seq": (1, max(4096, size.max_seq))},
             example=_example("batch", "seq"),
         ),
         ZooEntry(
             name="learned_pe",
-            description="learned absolute encoding, table of 128 positions",
+            description="learned absolute encoding, a table of max_seq / 2 positions",
             factory=LearnedPositionalEncoding,
-            config={"dim": D, "max_len": 128},
+            config={"dim": D, "max_len": size.max_seq // 2},
             inputs=(X,),
             outputs=("y",),
-            dims={"batch": BATCH, "seq": (1, 128)},
+            dims={"batch": BATCH, "seq": (1, size.max_seq // 2)},
             example=_example("batch", "seq"),
         ),
         ZooEntry(
@@ -330,36 +351,48 @@ def _registry() -> list[ZooEntry]:
             dims={"batch": BATCH, "seq": SEQ, "kv_seq": SEQ},
             example=_example("batch", "seq", "kv_seq"),
         ),
-        _mha_entry("mha_self", "multi-head self-attention with key padding", {}),
-        _mha_entry(
+        mha_entry("mha_self", "multi-head self-attention with key padding", {}),
+        mha_entry(
             "mha_cross",
             "cross attention over a context of another length and width",
-            {"cross_attention": True, "kv_dim": 48},
+            {"cross_attention": True, "kv_dim": D + D // 2},
             inputs=(
                 X,
-                InputSpec("context", ("batch", "kv_seq", 48)),
+                InputSpec("context", ("batch", "kv_seq", D + D // 2)),
                 InputSpec("key_padding_mask", ("batch", "kv_seq"), "padding"),
             ),
             dims={"batch": BATCH, "seq": SEQ, "kv_seq": SEQ},
         ),
-        _mha_entry("mha_causal", "causal self-attention with key padding", {"causal": True}),
-        _mha_entry(
+        mha_entry(
+            "causal_self",
+            "causal self-attention, no padding: the fused variant skips the masked half",
+            {"causal": True},
+            inputs=(X,),
+        ),
+        mha_entry("mha_causal", "causal self-attention with key padding", {"causal": True}),
+        mha_entry(
             "gqa_rope",
             "grouped-query (4 heads, 2 kv heads) causal attention with RoPE",
             {"num_kv_heads": 2, "causal": True, "pos": "rope"},
         ),
-        _mha_entry(
+        mha_entry(
             "mqa_alibi",
-            "multi-query causal attention with ALiBi over 6 heads (not a power of two)",
-            {"embed_dim": 48, "num_heads": 6, "num_kv_heads": 1, "causal": True, "pos": "alibi"},
-            inputs=(InputSpec("x", ("batch", "seq", 48)), PAD),
+            "multi-query causal attention with ALiBi over 1.5x the heads (not a power of 2)",
+            {
+                "embed_dim": HD * mqa_heads,
+                "num_heads": mqa_heads,
+                "num_kv_heads": 1,
+                "causal": True,
+                "pos": "alibi",
+            },
+            inputs=(InputSpec("x", ("batch", "seq", HD * mqa_heads)), PAD),
         ),
-        _mha_entry(
+        mha_entry(
             "t5_bidirectional",
             "T5 bucketed relative bias, bidirectional buckets",
             {"pos": "t5", "pos_args": {"num_buckets": 16, "max_distance": 32}},
         ),
-        _mha_entry(
+        mha_entry(
             "t5_causal",
             "T5 bucketed relative bias, causal buckets",
             {
@@ -368,22 +401,22 @@ def _registry() -> list[ZooEntry]:
                 "pos_args": {"num_buckets": 16, "max_distance": 32, "bidirectional": False},
             },
         ),
-        _mha_entry(
+        mha_entry(
             "shaw_relative",
             "Shaw et al. relative distance embeddings clipped at +-4, key and value terms",
             {"pos": "shaw", "pos_args": {"max_distance": 4}},
         ),
-        _mha_entry(
+        mha_entry(
             "xl_relative",
             "Transformer-XL sinusoidal relative attention terms",
             {"causal": True, "pos": "xl"},
         ),
-        _mha_entry(
+        mha_entry(
             "sliding_window",
-            "causal sliding-window (4) attention with RoPE",
-            {"causal": True, "window": 4, "pos": "rope"},
+            f"causal sliding-window ({size.window}) attention with RoPE",
+            {"causal": True, "window": size.window, "pos": "rope"},
         ),
-        _mha_entry(
+        mha_entry(
             "kv_cache",
             "causal GQA attention with RoPE and a KV cache (past in, present out)",
             {"num_kv_heads": 2, "causal": True, "pos": "rope"},
@@ -496,6 +529,11 @@ def names() -> list[str]:
 
 def entries() -> list[ZooEntry]:
     return list(_ENTRIES.values())
+
+
+def scaled(size: Size) -> dict[str, ZooEntry]:
+    """Every entry built at ``size`` (benchmarks: Size(d=512, heads=8, max_seq=8192, ...))."""
+    return {e.name: e for e in _registry(size)}
 
 
 def get(name: str) -> ZooEntry:

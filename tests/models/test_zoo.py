@@ -36,6 +36,7 @@ SECOND_POINTS: dict[str, dict[str, int]] = {
     "sdpa": {"batch": 3, "seq": 1, "kv_seq": 9},
     "mha_self": {"batch": 3, "seq": 11},
     "mha_cross": {"batch": 1, "seq": 1, "kv_seq": 13},
+    "causal_self": {"batch": 1, "seq": 9},
     "mha_causal": {"batch": 3, "seq": 1},
     "gqa_rope": {"batch": 1, "seq": 12},
     "mqa_alibi": {"batch": 4, "seq": 9},
