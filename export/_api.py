@@ -20,12 +20,13 @@ def export_entry(
     opset: int = DEFAULT_OPSET,
     grid: list[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
+    variants: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export the zoo entry ``name`` and prove parity over its grid; write ``out/<name>``."""
     from models import zoo
 
     spec = spec_from_zoo(zoo.get(name))
-    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress)
+    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress, variants=variants)
 
 
 def export_module(
@@ -41,6 +42,7 @@ def export_module(
     tolerance: Mapping[str, Tolerance] | None = None,
     grid: list[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
+    variants: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export any module: ``export_module(m, {"x": x}, dynamic={"x": {0: "batch", 1: "seq"}},
     out="artifacts")``. Raises ExportError (naming the stage) or ParityError.
@@ -58,4 +60,4 @@ def export_module(
         output_names=output_names,
         tolerance=tolerance,
     )
-    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress)
+    return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress, variants=variants)

@@ -55,6 +55,12 @@ def _export_args(parser) -> None:
     parser.add_argument("--all", action="store_true", help="export every zoo entry")
     parser.add_argument("--out", default=DEFAULT_OUT, help="bundle folder (default: artifacts)")
     parser.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: 18)")
+    parser.add_argument(
+        "--variants",
+        metavar="V,V",
+        help="optimized variants to build besides base (default: attention23,fused,int8,fp16; "
+        "'none' for base only)",
+    )
     parser.add_argument("--junit", metavar="FILE", help="write parity results as JUnit XML")
     parser.add_argument("--json", metavar="FILE", help="write parity records as JSON")
 
@@ -130,7 +136,11 @@ def _export_one(target: str, args, *, quiet: bool) -> dict:
         spec = _spec_for(target)
         row["name"] = spec.name
         result = run_pipeline(
-            spec, out=Path(args.out), opset=args.opset or DEFAULT_OPSET, progress=say
+            spec,
+            out=Path(args.out),
+            opset=args.opset or DEFAULT_OPSET,
+            progress=say,
+            variants=_variant_names(args.variants),
         )
         row.update(records=result.records, state="PASSED", bundle=str(result.bundle))
     except ExportError as err:
@@ -144,6 +154,14 @@ def _export_one(target: str, args, *, quiet: bool) -> dict:
         row.update(error=str(err).splitlines()[0], kind="parity", records=records)
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+def _variant_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    if text.strip() == "none":
+        return ()
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _spec_for(target: str):

@@ -101,8 +101,11 @@ def decode_stage(spec: ExportSpec, variants: Mapping[str, onnx.ModelProto], stat
         passed = sum(r.passed for r in records)
         note = f"decode loop {', '.join(variants)} {passed}/{len(records)} steps passed"
         stage.detail = f"{stage.detail}; {note}" if stage.detail else note
-    kept = [r for r in spec.extra.get("decode_parity", {}).get("records", [])
-            if r["variant"] not in variants]
+    kept = [
+        r
+        for r in spec.extra.get("decode_parity", {}).get("records", [])
+        if r["variant"] not in variants
+    ]
     spec.extra = {
         **spec.extra,
         "decode_parity": {

@@ -126,8 +126,6 @@ def build_variants(
     """The base graph plus every requested variant whose census differs from its source."""
     from ._pipeline import capture
 
-    tolerance = dict(spec.tolerance)
-    builds = {"base": VariantBuild(base, ALL_PROVIDERS, tolerance, census=op_census(base))}
     wanted = DEFAULT_VARIANTS if names is None else names
     unknown = sorted(set(wanted) - set(DEFAULT_VARIANTS) - {"base"})
     if unknown:
@@ -135,6 +133,8 @@ def build_variants(
             f"unknown variants {unknown}; known: {', '.join(('base', *DEFAULT_VARIANTS))}",
             stage=3,
         )
+    tolerance = dict(spec.tolerance)
+    builds = {"base": VariantBuild(base, ALL_PROVIDERS, tolerance, census=op_census(base))}
     has_softmax = any(n.op_type == "Softmax" for n in base.graph.node)
     if "attention23" in wanted and opset < ATTENTION_OPSET and has_softmax:
         model = capture(spec, ATTENTION_OPSET)
