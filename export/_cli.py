@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_commands(subparsers) -> None:
+    _extend_bench(subparsers.choices["bench"])
     for command in (cmd_list, cmd_export, cmd_check):
         name = command.__name__.removeprefix("cmd_")
         doc = command.__doc__ or ""
@@ -42,6 +43,67 @@ def add_commands(subparsers) -> None:
         )
         _ARGUMENTS[name](parser)
         parser.set_defaults(func=command)
+
+
+def _extend_bench(bench) -> None:
+    """`attnx bench --vs-torch`: the runtime's bench, then torch eager on the same inputs."""
+    bench.add_argument(
+        "--vs-torch",
+        action="store_true",
+        help="also time torch eager on the same inputs and print the ratio (needs torch; "
+        "rebuilds each bundle's source module)",
+    )
+    runtime_bench = bench.get_default("func")
+
+    def cmd_bench(args) -> int:
+        code = runtime_bench(args)
+        if args.vs_torch:
+            for path in args.bundles:
+                print(_vs_torch(Path(path), args))
+        return code
+
+    cmd_bench.__doc__ = runtime_bench.__doc__
+    bench.set_defaults(func=cmd_bench)
+
+
+def _vs_torch(path: Path, args) -> str:
+    import statistics
+
+    import torch
+
+    from runtime import Runner, load_bundle
+    from runtime._bench import bench_feed, bench_point
+
+    from ._check import spec_from_manifest
+
+    bundle = load_bundle(path)
+    spec = spec_from_manifest(bundle.manifest)
+    point = bench_point(bundle, dict(args.shape))
+    feed = bench_feed(bundle, point)
+    tensors = {name: torch.from_numpy(array.copy()) for name, array in feed.items()}
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+
+    def median_ms(fn) -> float:
+        for _ in range(args.warmup):
+            fn()
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    with torch.no_grad():
+        eager = median_ms(lambda: spec.module(**tensors, **spec.forward_kwargs))
+    with Runner(bundle, provider=args.provider, variant=args.variant, threads=threads) as runner:
+        onnx_ms = median_ms(lambda: runner.run(feed))
+        variant = runner.variant.name
+    where = ", ".join(f"{k}={v}" for k, v in point.items())
+    return (
+        f"{bundle.manifest.name} vs torch at {where} ({threads} threads): torch eager p50 "
+        f"{eager:.3f} ms, {variant} p50 {onnx_ms:.3f} ms, ratio {onnx_ms / eager:.2f}x"
+    )
 
 
 def _list_args(parser) -> None:

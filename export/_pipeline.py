@@ -77,6 +77,7 @@ class ExportResult:
     opset: int
     seconds: float
     model: onnx.ModelProto | None = None
+    variants: dict[str, VariantBuild] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -121,9 +122,8 @@ def run_pipeline(
             say,
             lambda: write_bundle(spec, builds, records, grid, status, Path(out), opset),
         )
-    return ExportResult(
-        spec.name, status, records, bundle, opset, time.perf_counter() - start, model
-    )
+    seconds = time.perf_counter() - start
+    return ExportResult(spec.name, status, records, bundle, opset, seconds, model, builds)
 
 
 def _parity(spec, builds, grid, status: ExportStatus) -> list[ParityRecord]:

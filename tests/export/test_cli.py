@@ -113,3 +113,16 @@ def test_console_script_runs_the_same_main(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "PASSED"
     assert (tmp_path / "sinusoidal_pe" / "manifest.json").exists()
+
+
+def test_bench_vs_torch_times_both_on_the_same_inputs(tmp_path, capsys):
+    assert main(["export", "causal_self", "--out", str(tmp_path), "--variants", "fused"]) == 0
+    capsys.readouterr()
+    bundle = str(tmp_path / "causal_self")
+    code = main(["bench", bundle, "--vs-torch", "--shape", "seq=33", "--iters", "5",
+                 "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("causal_self vs torch at batch=2, seq=33")
+    assert "torch eager p50" in last and "ratio" in last

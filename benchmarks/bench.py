@@ -1,0 +1,347 @@
+"""Benchmark every zoo entry at benchmark scale: torch eager against each ONNX variant.
+
+    python benchmarks/bench.py                         # all entries, batch {1, 8} x seq
+                                                       # {128, 512, 2048, 4096}
+    python benchmarks/bench.py --entries causal_self,mha_self --seq 128,512
+    python benchmarks/bench.py --memory                # peak memory, causal self-attention
+
+Everything is measured in one process with the same inputs and the same thread count: torch
+eager (torch.set_num_threads) and every CPU variant (onnxruntime intra-op threads). Each timing
+is a median; ratios are variant / eager (below 1 is faster). FLOPs come from torch's
+FlopCounterMode on the eager forward; the GEMM ceiling is a 4096^3 matmul measured in the same
+run. Writes benchmarks/results/bench.json, bench.md and latency_vs_seq.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from export import run_pipeline, spec_from_zoo  # noqa: E402
+from export._variants import CPU, LOSSY  # noqa: E402
+from models import zoo  # noqa: E402
+
+BENCH_SIZE = zoo.Size(d=512, heads=8, max_seq=8192, max_batch=8, vocab=4096, window=256)
+TARGET_RATIO = 0.8  # the best passing variant at most 0.8x eager ...
+TARGET_GEMM = 0.85  # ... or at 85% of the measured GEMM rate
+GEMM_N = 4096
+
+
+def median_ms(fn, budget_s: float, min_reps: int = 3, max_reps: int = 25) -> float:
+    """Median wall time of fn() after one warm-up call; reps fit in about budget_s."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
+    if first > budget_s:
+        reps = 2  # seconds-long calls: two more are enough for a median of three
+    times = [first]
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] if len(times) > 2 else times) * 1e3
+
+
+def gemm_gflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a = torch.randn(GEMM_N, GEMM_N)
+    b = torch.randn(GEMM_N, GEMM_N)
+    ms = median_ms(lambda: a @ b, budget_s=3.0, min_reps=5)
+    return 2 * GEMM_N**3 / (ms / 1e3) / 1e9
+
+
+def eager_flops(module, feed, forward_kwargs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(**feed, **forward_kwargs)
+    return counter.get_total_flops()
+
+
+def session(model, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    start = time.perf_counter()
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+    return sess, (time.perf_counter() - start) * 1e3
+
+
+def point_for(entry, batch: int, seq: int) -> dict[str, int]:
+    point = {"batch": batch, "seq": seq, "kv_seq": seq, "past": 0}
+    return {d: min(point[d], hi) for d, (lo, hi) in entry.dims.items() if d in point}
+
+
+def bench_entry(entry, batches, seqs, threads: int, budget_s: float, gemm: float) -> list[dict]:
+    spec = spec_from_zoo(entry)
+    start = time.perf_counter()
+    small = [dict(spec.example), {d: max(lo, 1) for d, (lo, hi) in spec.dims.items()}]
+    result = run_pipeline(spec, out=None, grid=small)  # parity at benchmark scale too
+    export_s = time.perf_counter() - start
+    builds = {n: b for n, b in result.variants.items() if CPU in b.providers}
+    sessions, session_ms = {}, {}
+    for name, build in builds.items():
+        sessions[name], session_ms[name] = session(build.model, threads)
+    rows = []
+    seen = set()
+    for batch in batches:
+        for seq in seqs:
+            point = point_for(entry, batch, seq)
+            key = tuple(sorted(point.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(
+                bench_point(entry, spec, point, sessions, threads, budget_s, gemm)
+                | {"export_s": round(export_s, 2), "session_ms": session_ms}
+            )
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def bench_point(entry, spec, point, sessions, threads, budget_s, gemm) -> dict:
+    torch.set_num_threads(threads)
+    feed = spec.make_inputs(point)
+    arrays = {k: v.numpy() for k, v in feed.items()}
+    with torch.no_grad():
+        reference = spec.module(**feed, **spec.forward_kwargs)
+        reference = reference[0] if isinstance(reference, tuple) else reference
+        eager = median_ms(lambda: spec.module(**feed, **spec.forward_kwargs), budget_s)
+    flops = eager_flops(spec.module, feed, spec.forward_kwargs)
+    variants, errors = {}, {}
+    for name, sess in sessions.items():
+        out = sess.run(None, arrays)[0]
+        errors[name] = float(np.abs(out - reference.numpy()).max())
+        variants[name] = median_ms(lambda s=sess: s.run(None, arrays), budget_s)
+    strict = {n: ms for n, ms in variants.items() if n not in LOSSY}
+    best = min(strict, key=strict.get)
+    best_gflops = flops / (strict[best] / 1e3) / 1e9
+    ratio = strict[best] / eager
+    return {
+        "entry": entry.name,
+        "point": point,
+        "eager_ms": round(eager, 3),
+        "variants_ms": {n: round(ms, 3) for n, ms in variants.items()},
+        "ratios": {n: round(ms / eager, 3) for n, ms in variants.items()},
+        "max_abs_error": errors,
+        "best": best,
+        "best_ratio": round(ratio, 3),
+        "gflop": round(flops / 1e9, 3),
+        "eager_gflops": round(flops / (eager / 1e3) / 1e9, 1),
+        "best_gflops": round(best_gflops, 1),
+        "best_pct_gemm": round(100 * best_gflops / gemm, 1),
+        "meets_target": bool(ratio <= TARGET_RATIO or best_gflops >= TARGET_GEMM * gemm),
+    }
+
+
+def _line(row: dict) -> str:
+    point = ",".join(f"{k}={v}" for k, v in row["point"].items())
+    ratios = " ".join(f"{n}={r:.2f}" for n, r in row["ratios"].items())
+    mark = "ok" if row["meets_target"] else "MISS"
+    return (
+        f"{row['entry']:<20} {point:<30} eager {row['eager_ms']:9.2f} ms  {ratios}  "
+        f"best {row['best']} {row['best_ratio']:.2f}x {row['best_pct_gemm']:.0f}%GEMM {mark}"
+    )
+
+
+# --- peak memory, each measurement in a fresh process ------------------------------------------
+
+
+def memory_child(entry_name: str, variant: str, batch: int, seq: int, threads: int) -> None:
+    entry = zoo.scaled(BENCH_SIZE)[entry_name]
+    spec = spec_from_zoo(entry)
+    feed = spec.make_inputs(point_for(entry, batch, seq))
+    torch.set_num_threads(threads)
+    if variant == "eager":
+        run = lambda: spec.module(**feed, **spec.forward_kwargs)  # noqa: E731
+    else:
+        result = run_pipeline(spec, out=None, grid=[dict(spec.example)], variants=(variant,))
+        if variant not in result.variants:
+            print(json.dumps({"error": f"variant {variant} not built"}))
+            return
+        sess, _ = session(result.variants[variant].model, threads)
+        arrays = {k: v.numpy() for k, v in feed.items()}
+        run = lambda: sess.run(None, arrays)  # noqa: E731
+    # Baseline after inputs, weights and the session exist: what one call adds on top.
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_above_baseline_mib": round((peak - base) / 1024, 1)}))
+
+
+def memory_table(entry: str, seqs, threads: int) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for variant in ("eager", "base", "attention23", "fused"):
+            cmd = [sys.executable, __file__, "--memory-child", entry, variant, "1", str(seq),
+                   str(threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+            row = {"entry": entry, "seq": seq, "batch": 1, "variant": variant, **json.loads(line)}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
+    names = ["base", "attention23", "fused", "int8"]
+    lines = [
+        "# attnx benchmark: torch eager vs ONNX Runtime variants",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
+        f"{meta['threads']} threads for both.  ",
+        f"GEMM ceiling ({GEMM_N}^3 fp32 matmul, same run): {meta['gemm_gflops']:.0f} GFLOP/s.  ",
+        f"Model size: d_model {BENCH_SIZE.d}, {BENCH_SIZE.heads} heads (mqa_alibi: "
+        f"{BENCH_SIZE.heads * 3 // 2} heads, d {BENCH_SIZE.head_dim * (BENCH_SIZE.heads * 3 // 2)})"
+        f", vocab {BENCH_SIZE.vocab}, window {BENCH_SIZE.window}; cached entries at past 0.",
+        "",
+        "Cells are median ms and the ratio to eager (below 1.00 is faster). *best* is the fastest "
+        "variant at the block's own tolerance (int8 is shown but never counted as best). Target: "
+        f"best <= {TARGET_RATIO}x eager, or >= {TARGET_GEMM:.0%} of the GEMM rate.",
+        "",
+        "| entry | point | eager ms | " + " | ".join(names) + " | best | GFLOP/s (% GEMM) | target |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|---|",
+    ]
+    for r in rows:
+        point = ", ".join(f"{k}={v}" for k, v in r["point"].items() if k in ("batch", "seq"))
+        cells = []
+        for n in names:
+            ms = r["variants_ms"].get(n)
+            cells.append(f"{ms:.2f} ({r['ratios'][n]:.2f}x)" if ms is not None else "-")
+        mark = "yes" if r["meets_target"] else "**MISS**"
+        lines.append(
+            f"| {r['entry']} | {point} | {r['eager_ms']:.2f} | " + " | ".join(cells)
+            + f" | {r['best']} {r['best_ratio']:.2f}x | {r['best_gflops']:.0f} "
+            f"({r['best_pct_gemm']:.0f}%) | {mark} |"
+        )
+    if rows:
+        met = sum(r["meets_target"] for r in rows)
+        lines += ["", f"{met} of {len(rows)} points meet the target."]
+        lines += ["", "Export time (s) and session creation (ms) per entry:", ""]
+        lines += ["| entry | export s | session ms per variant |", "|---|---|---|"]
+        for entry in dict.fromkeys(r["entry"] for r in rows):
+            r = next(x for x in rows if x["entry"] == entry)
+            sessions = ", ".join(f"{n} {ms:.0f}" for n, ms in r["session_ms"].items())
+            lines.append(f"| {entry} | {r['export_s']:.1f} | {sessions} |")
+    if memory:
+        lines += ["", "## Peak memory above baseline (one call, fresh process each)", ""]
+        lines += ["| entry | batch | seq | variant | MiB |", "|---|---|---|---|---|"]
+        for m in memory:
+            mib = m.get("peak_above_baseline_mib", m.get("error", "-"))
+            lines.append(f"| {m['entry']} | {m['batch']} | {m['seq']} | {m['variant']} | {mib} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = list(dict.fromkeys(r["entry"] for r in rows))
+    cols = 4
+    nrows = (len(entries) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+    for ax, entry in zip(axes.flat, entries, strict=False):
+        sel = [r for r in rows if r["entry"] == entry and r["point"].get("batch") == 1]
+        seqs = [r["point"]["seq"] for r in sel]
+        ax.plot(seqs, [r["eager_ms"] for r in sel], "k-o", label="torch eager")
+        for name in ("base", "attention23", "fused", "int8"):
+            ys = [r["variants_ms"].get(name) for r in sel]
+            if any(y is not None for y in ys):
+                ax.plot(seqs, ys, "-o", label=name, markersize=3)
+        ax.set_title(f"{entry} (batch 1)", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length", fontsize=8)
+        ax.set_ylabel("ms", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(entries):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", default=",".join(zoo.names()))
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--seq", default="128,512,2048,4096")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell")
+    parser.add_argument("--memory", action="store_true", help="peak memory of causal_self")
+    parser.add_argument("--memory-seq", default="4096,8192")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--name", default="bench", help="result file stem")
+    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        entry, variant, batch, seq, threads = args.memory_child
+        memory_child(entry, variant, int(batch), int(seq), int(threads))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    registry = zoo.scaled(BENCH_SIZE)
+    names = [n for n in args.entries.split(",") if n]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
+    gemm_before = gemm_gflops(args.threads)
+    rows = []
+    for name in names:
+        rows += bench_entry(
+            registry[name],
+            [int(b) for b in args.batch.split(",")],
+            [int(s) for s in args.seq.split(",")],
+            args.threads,
+            args.budget_s,
+            gemm_before,
+        )
+    memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
+                          args.threads) if args.memory else []
+    gemm_after = gemm_gflops(args.threads)
+    meta = {
+        "command": "python benchmarks/bench.py " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "gemm_gflops": max(gemm_before, gemm_after),
+        "gemm_gflops_before_after": [round(gemm_before, 1), round(gemm_after, 1)],
+    }
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                       "memory": memory}, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(rows, memory, meta))
+    if rows:
+        plot(rows, out / f"{args.name}_latency_vs_seq.png")
+    print(f"wrote {out / args.name}.json, .md, _latency_vs_seq.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
