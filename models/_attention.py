@@ -63,7 +63,7 @@ def scaled_dot_product_attention(
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
     if attn_mask is None:
         return out
-    return torch.where(_has_valid_key(attn_mask), out, torch.zeros_like(out))
+    return out.masked_fill(~_has_valid_key(attn_mask), 0.0)
 
 
 def _attention_with_value_term(
@@ -79,7 +79,7 @@ def _attention_with_value_term(
         scores = scores + attn_mask
     probs = scores.softmax(dim=-1)  # [b, h, s, s_kv]
     if attn_mask is not None:
-        probs = torch.where(_has_valid_key(attn_mask), probs, torch.zeros_like(probs))
+        probs = probs.masked_fill(~_has_valid_key(attn_mask), 0.0)
     return probs @ v + pos.value_term(probs)  # [b, h, s, h_d]
 
 
