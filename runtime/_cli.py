@@ -70,6 +70,9 @@ def add_commands(subparsers) -> None:
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         _ARGUMENTS[name](parser)
         parser.set_defaults(func=command)
+    from .serve._commands import add_commands as add_serving_commands  # triton, serve
+
+    add_serving_commands(subparsers)
 
 
 def _provider_arg(parser) -> None:
