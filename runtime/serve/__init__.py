@@ -9,7 +9,8 @@ package, like importing `runtime`, stays light):
          "provider", "replica_cpus", "max_body_bytes"} (see AppConfig).
     AppConfig.from_args(args) -> AppConfig       checks args and loads every bundle
     cluster_config(config, host=, port=) -> dict  the `serve build`-style config
-    serve_locally(config, host=, port=, on_ready=, stop=)   Ray on this machine until `stop`
+    serve_locally(config, host=, port=, on_ready=, stop=, handle_signals=False)
+        Ray and Serve on this machine until `stop` is set (or SIGINT/SIGTERM)
 
 Endpoints (KServe v2): GET /v2, /v2/health/live, /v2/health/ready, /v2/models/<m>,
 /v2/models/<m>/ready; POST /v2/models/<m>/infer (also under /v2/models/<m>/versions/1/).
