@@ -46,7 +46,8 @@ Generation with a KV cache (runtime._generate; the layout comes from manifest ex
     Generator(bundle_or_runner, *, provider="auto", variant=None, threads=None)  context manager
         .generate(prompt_ids, max_new_tokens) -> list[int]   greedy; the new tokens only
         .steps(prompt_ids, max_new_tokens) -> iterator of Step(token, logits)
-        .step(ids) -> logits [len(ids), V]; .reset(); .length; .max_length; .cache
+        .step(ids) -> logits [len(ids), V]; .reset(); .checkpoint() / .rewind(c); .length;
+        .max_length; .cache
     generate(bundle_or_runner, prompt_ids, max_new_tokens, *, provider, threads) -> list[int]
     CacheLayout.from_manifest(manifest)   the checked cache description
 

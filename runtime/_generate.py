@@ -171,6 +171,9 @@ class Generator:
 
     `source` is a bundle folder, a loaded Bundle or an open Runner (which the generator then
     does not close). provider/variant/threads go to the Runner it opens.
+
+    A Generator holds one sequence's cache: use one per sequence (or per thread). Several
+    generators may share one Runner, whose session serves concurrent callers.
     """
 
     def __init__(self, source: str | os.PathLike | Any, *, provider: str = "auto",
@@ -219,6 +222,14 @@ class Generator:
         """Forget the cache: the next step is a prefill (past length 0)."""
         self._state = None
         self.length = 0
+
+    def checkpoint(self) -> tuple[int, Any]:
+        """The cache as it is now (no copy: steps never modify a cache, they make a new one)."""
+        return self.length, self._state
+
+    def rewind(self, checkpoint: tuple[int, Any]) -> None:
+        """Go back to a checkpoint() of this generator (to branch, or to time one step)."""
+        self.length, self._state = checkpoint
 
     def step(self, ids: Sequence[int]) -> np.ndarray:
         """Feed `ids` after the cached positions; returns their logits [len(ids), V] (float32,

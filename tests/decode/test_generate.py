@@ -85,6 +85,17 @@ def test_past_length_zero_then_one(lm_bundle, lm_module):
     check(compare({"logits": np.concatenate([first, second])}, {"logits": full}, table))
 
 
+def test_rewind_to_a_checkpoint_branches_the_cache(lm_bundle):
+    with Generator(lm_bundle, provider="cpu") as gen:
+        gen.step([1, 2, 3])
+        mark = gen.checkpoint()
+        a = gen.step([4])
+        gen.step([5])
+        gen.rewind(mark)
+        assert gen.length == 3
+        np.testing.assert_array_equal(gen.step([4]), a)
+
+
 def test_chunk_of_queries_is_bottom_right_aligned(lm_bundle, lm_module):
     """q_len 4 < kv_len 10 through onnxruntime: the chunk's queries sit at positions 6..9,
     so its logits equal rows 6..9 of a full causal pass (top-left alignment would let the
