@@ -16,6 +16,7 @@ Imported only where Ray runs: the `runtime.serve` package imports this module in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 
@@ -156,8 +157,6 @@ class OIPIngress:
 
 
 def _json(doc: dict) -> Response:
-    import json
-
     return Response(json.dumps(doc), media_type=JSON)
 
 
