@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from runtime import (
     Variant,
     report_markdown,
 )
+from runtime._atomic import replace_dir
 
 from ._errors import ExportError
 from ._spec import ExportSpec
@@ -235,14 +235,6 @@ def _report(spec: ExportSpec, manifest: Manifest, status) -> str:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing bundle is moved aside first and removed after."""
-    old = None
     if final.is_symlink() or final.is_file():
         raise ExportError(f"{final} exists and is not a bundle folder", stage=5)
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.rmdir(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)

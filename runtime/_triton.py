@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ._atomic import replace_dir
 from ._bundle import Bundle, load_bundle
 from ._errors import ArtifactError, AttnxError, InputError
 from ._manifest import PATH_PART_RE, Manifest, TensorSpec
@@ -532,14 +533,6 @@ def _write_model(bundle: Bundle, model: TritonModel, root: Path) -> Written:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing folder is moved aside first and removed after."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise InputError(f"{final} exists and is not a model folder")
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-        os.rmdir(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)

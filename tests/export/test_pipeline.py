@@ -222,3 +222,12 @@ def test_declared_dims_are_symbolic_in_the_saved_graph(zoo_bundles):
 def test_opset_below_minimum_is_refused():
     with pytest.raises(ExportError, match="opset 17 is below the minimum 18"):
         run_pipeline(spec_from_zoo(zoo.get("learned_pe")), out=None, opset=17)
+
+
+def test_a_file_where_the_bundle_goes_is_refused_and_kept(tmp_path):
+    (tmp_path / "learned_pe").write_text("not a bundle")
+    with pytest.raises(ExportError, match=r"stage 5/5 \(write\): .*learned_pe exists and is not a "
+                       "bundle folder"):
+        run_pipeline(spec_from_zoo(zoo.get("learned_pe")), out=tmp_path, variants=())
+    assert (tmp_path / "learned_pe").read_text() == "not a bundle"
+    assert [p.name for p in tmp_path.iterdir()] == ["learned_pe"]
