@@ -95,6 +95,9 @@ def session(model, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Without the arena a session returns its peak memory after each run: several sessions at
+    # seq 4096, batch 8 (4 GiB score tensors) would otherwise each keep theirs.
+    options.enable_cpu_mem_arena = False
     start = time.perf_counter()
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
     return sess, (time.perf_counter() - start) * 1e3
@@ -111,10 +114,8 @@ def bench_entry(entry, batches, seqs, threads: int, budget_s: float, gemm: float
     small = [dict(spec.example), {d: max(lo, 1) for d, (lo, hi) in spec.dims.items()}]
     result = run_pipeline(spec, out=None, grid=small)  # parity at benchmark scale too
     export_s = time.perf_counter() - start
-    builds = {n: b for n, b in result.variants.items() if CPU in b.providers}
-    sessions, session_ms = {}, {}
-    for name, build in builds.items():
-        sessions[name], session_ms[name] = session(build.model, threads)
+    builds = {n: b.model for n, b in result.variants.items() if CPU in b.providers}
+    session_ms = {name: session(model, threads)[1] for name, model in builds.items()}
     rows = []
     seen = set()
     for batch in batches:
@@ -125,14 +126,14 @@ def bench_entry(entry, batches, seqs, threads: int, budget_s: float, gemm: float
                 continue
             seen.add(key)
             rows.append(
-                bench_point(entry, spec, point, sessions, threads, budget_s, gemm)
+                bench_point(entry, spec, point, builds, threads, budget_s, gemm)
                 | {"export_s": round(export_s, 2), "session_ms": session_ms}
             )
             print(_line(rows[-1]), flush=True)
     return rows
 
 
-def bench_point(entry, spec, point, sessions, threads, budget_s, gemm) -> dict:
+def bench_point(entry, spec, point, models, threads, budget_s, gemm) -> dict:
     torch.set_num_threads(threads)
     feed = spec.make_inputs(point)
     arrays = {k: v.numpy() for k, v in feed.items()}
@@ -142,10 +143,12 @@ def bench_point(entry, spec, point, sessions, threads, budget_s, gemm) -> dict:
         eager = median_ms(lambda: spec.module(**feed, **spec.forward_kwargs), budget_s)
     flops = eager_flops(spec.module, feed, spec.forward_kwargs)
     variants, errors = {}, {}
-    for name, sess in sessions.items():
+    for name, model in models.items():
+        sess = session(model, threads)[0]  # one session alive at a time: memory
         out = sess.run(None, arrays)[0]
         errors[name] = float(np.abs(out - reference.numpy()).max())
         variants[name] = median_ms(lambda s=sess: s.run(None, arrays), budget_s)
+        del sess, out
     strict = {n: ms for n, ms in variants.items() if n not in LOSSY}
     best = min(strict, key=strict.get)
     best_gflops = flops / (strict[best] / 1e3) / 1e9
@@ -328,6 +331,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
     gemm_before = gemm_gflops(args.threads)
+    memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
+                          args.threads) if args.memory else []
     rows = []
     for name in names:
         rows += bench_entry(
@@ -339,9 +344,7 @@ def main(argv=None) -> int:
             gemm_before,
         )
         # Written after every entry, so a long run that is stopped keeps what it measured.
-        write(out, args, argv, rows, [], gemm_before, gemm_before)
-    memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
-                          args.threads) if args.memory else []
+        write(out, args, argv, rows, memory, gemm_before, gemm_before)
     gemm_after = gemm_gflops(args.threads)
     write(out, args, argv, rows, memory, gemm_before, gemm_after)
     if rows:
