@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -198,12 +197,41 @@ def memory_child(entry_name: str, variant: str, batch: int, seq: int, threads: i
         sess, _ = session(result.variants[variant].model, threads)
         arrays = {k: v.numpy() for k, v in feed.items()}
         run = lambda: sess.run(None, arrays)  # noqa: E731
-    # Baseline after inputs, weights and the session exist: what one call adds on top.
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
+        base, peak = rss_during(run)
+    print(json.dumps({"peak_above_baseline_mib": round((peak - base) / 2**20, 1)}))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_during(run) -> tuple[int, int]:
+    """(RSS just before, highest RSS sampled every 0.5 ms during) one call of run().
+
+    The baseline is taken after inputs, weights and the session exist, so the difference is
+    what one call adds. ru_maxrss cannot serve: its high-water mark may come from building the
+    model or exporting it, before the call."""
+    import threading
+
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
         run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_above_baseline_mib": round((peak - base) / 1024, 1)}))
+    finally:
+        done.set()
+        sampler.join()
+    return base, max(peak[0], _rss_bytes())
 
 
 def memory_table(entry: str, seqs, threads: int) -> list[dict]:
