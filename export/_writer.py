@@ -11,6 +11,7 @@ import importlib.metadata
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def write_bundle(
         manifest = _manifest(spec, variants, records, golden, tmp, list(files), opset, status)
         report = _report(spec, manifest, status)
         (tmp / "report.md").write_text(report, encoding="utf-8")
-        manifest = _with_files(manifest, tmp, [*files, "report.md"])
+        report_entry = _file_entry(tmp, "report.md")
+        manifest = replace(manifest, files=(*manifest.files, report_entry))
         (tmp / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
         _replace_dir(tmp, final)
     except BaseException:
@@ -163,12 +165,6 @@ def _variant_notes(variants: Mapping[str, VariantBuild], spec_dims) -> dict:
         }
         for name, build in variants.items()
     }
-
-
-def _with_files(manifest: Manifest, folder: Path, files: list[str]) -> Manifest:
-    from dataclasses import replace
-
-    return replace(manifest, files=tuple(_file_entry(folder, f) for f in files))
 
 
 def _file_entry(folder: Path, name: str) -> FileEntry:

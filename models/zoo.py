@@ -167,22 +167,18 @@ def _positional(kind: str | None, *, num_heads: int, head_dim: int, **kw) -> nn.
     raise ValueError(f"unknown positional encoding '{kind}'")
 
 
-def _mha(*, pos: str | None = None, pos_args: Mapping | None = None, **config) -> nn.Module:
-    heads = config["num_heads"]
-    config = dict(config)
-    config["pos_embeddings"] = _positional(
-        pos, num_heads=heads, head_dim=config["embed_dim"] // heads, **(pos_args or {})
-    )
-    return MultiHeadAttention(**config)
-
-
 def _layer(cls, *, pos: str | None = None, pos_args: Mapping | None = None, **config):
+    """cls(**config) with the positional encoding named by ``pos`` built for its heads."""
     heads = config["num_heads"]
     config = dict(config)
     config["pos_embeddings"] = _positional(
         pos, num_heads=heads, head_dim=config["embed_dim"] // heads, **(pos_args or {})
     )
     return cls(**config)
+
+
+def _mha(**config) -> nn.Module:
+    return _layer(MultiHeadAttention, **config)
 
 
 def _encoder_layer(**config) -> nn.Module:
