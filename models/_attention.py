@@ -27,7 +27,8 @@ from models._encodings import (
     _ScoreBias,
     relative_distances,
 )
-from models._kernels import causal_attention, repeat_kv
+from models._kernels import attention as kernel_attention
+from models._kernels import repeat_kv
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
 
@@ -195,10 +196,17 @@ class MultiHeadAttention(nn.Module):
         """
         src = self._source(x, context, past_key, past_value)
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, h, h_d]
-        q = q.transpose(1, 2)  # [b, h, s, h_d]
         k = self.k_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        k = k.transpose(1, 2)  # [b, h_kv, s_src, h_d]
         v = self.v_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if past_key is None and self._kernel_serves():
+            if isinstance(self.pos_embeddings, RotaryEmbedding):
+                q = self.pos_embeddings(q, seq_dim=1)
+                k = self.pos_embeddings(k, seq_dim=1)
+            out = self._attend_kernel(q, k, v, key_padding_mask)  # [b, s, h, h_d]
+            out = self.out_proj(out.flatten(2))  # [b, s, d]
+            return (out, k.transpose(1, 2), v.transpose(1, 2)) if use_cache else out
+        q = q.transpose(1, 2)  # [b, h, s, h_d]
+        k = k.transpose(1, 2)  # [b, h_kv, s_src, h_d]
         v = v.transpose(1, 2)  # [b, h_kv, s_src, h_d]
         offset = 0 if past_key is None else past_key.shape[2]
         if isinstance(self.pos_embeddings, RotaryEmbedding):
@@ -207,12 +215,35 @@ class MultiHeadAttention(nn.Module):
         if past_key is not None:
             k = torch.cat((past_key, k), dim=2)  # [b, h_kv, p + s, h_d]
             v = torch.cat((past_value, v), dim=2)  # [b, h_kv, p + s, h_d]
-        out = self._attend(q, k, v, key_padding_mask, past_key is not None)  # [b, h, s, h_d]
+        out = self._attend(q, k, v, key_padding_mask)  # [b, h, s, h_d]
         out = out.transpose(1, 2).flatten(2)  # [b, s, d]
         out = self.out_proj(out)
         if use_cache or past_key is not None:
             return out, k, v
         return out
+
+    def _kernel_serves(self) -> bool:
+        """Whether models._kernels.attention has this attention's semantics (without a cache):
+        any mask it takes is causal, a causal window or key padding, any bias causal ALiBi."""
+        pos = self.pos_embeddings
+        if isinstance(pos, ALiBiBias):
+            return self.causal
+        return (pos is None or isinstance(pos, RotaryEmbedding)) and (
+            self.window is None or self.causal
+        )
+
+    def _attend_kernel(self, q, k, v, key_padding_mask) -> torch.Tensor:
+        """q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d] -> [b, s, h, h_d]."""
+        pos = self.pos_embeddings
+        return kernel_attention(
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            alibi_slopes=pos.slopes.to(q.dtype) if isinstance(pos, ALiBiBias) else None,
+            causal=self.causal,
+            window=self.window,
+        )
 
     def _source(self, x, context, past_key, past_value) -> torch.Tensor:
         if self.cross_attention:
@@ -227,14 +258,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("past_key and past_value must be given together")
         return x
 
-    def _attend(self, q, k, v, key_padding_mask, cached: bool) -> torch.Tensor:
+    def _attend(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """q [b, h, s, h_d], k/v [b, h_kv, s_kv, h_d] -> [b, h, s, h_d]."""
         pos = self.pos_embeddings
-        plain_causal = (
-            self.causal and self.window is None and key_padding_mask is None and not cached
-        )
-        if plain_causal and not isinstance(pos, _ScoreBias):
-            return causal_attention(q, k, v)
         n_rep = self.num_heads // self.num_kv_heads
         k = repeat_kv(k, n_rep)  # [b, h, s_kv, h_d]
         v = repeat_kv(v, n_rep)  # [b, h, s_kv, h_d]

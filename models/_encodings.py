@@ -303,12 +303,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [h_d/2]
 
-    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
-        """x: [b, h, s, h_d] -> rotated x, same shape."""
-        s = x.shape[2]
+    def forward(
+        self, x: torch.Tensor, offset: int | torch.Tensor = 0, *, seq_dim: int = 2
+    ) -> torch.Tensor:
+        """x: [b, h, s, h_d], or [b, s, h, h_d] with seq_dim=1 -> rotated x, same shape."""
+        if seq_dim not in (1, 2):
+            raise ValueError(f"seq_dim ({seq_dim}) must be 1 ([b, s, h, h_d]) or 2 ([b, h, s, h_d])")
+        s = x.shape[seq_dim]
         pos = torch.arange(s, device=x.device, dtype=torch.float32) + offset  # [s]
         angles = pos[:, None] * self.inv_freq[None, :]  # [s, h_d/2]
         angles = torch.cat((angles, angles), dim=-1)  # [s, h_d]
+        if seq_dim == 1:
+            angles = angles[:, None]  # [s, 1, h_d]: broadcast over the heads that follow s
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # [b, h, s, h_d/2] each
         rotated = torch.cat((-x2, x1), dim=-1)  # [b, h, s, h_d]

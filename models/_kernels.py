@@ -1,9 +1,13 @@
 """Attention cores that an export can route to a runtime kernel.
 
-In eager mode these are plain torch. Inside ``ort_kernels()`` the pure causal self-attention
-core becomes the custom op ``attnx::causal_attention``, which the exporter's ``fused`` variant
-lowers to onnxruntime's GroupQueryAttention: a kernel that skips the masked half and never
-materializes an s x s mask, unlike any decomposed or ONNX Attention graph.
+In eager mode these are plain torch. Inside ``ort_kernels()`` the attention core becomes the
+custom op ``attnx::attention``, which the exporter's ``fused`` variant lowers to onnxruntime
+kernels that never materialize an s x s score, mask or bias tensor: GroupQueryAttention for
+causal attention (it skips the masked half) and MultiHeadAttention's flash path otherwise.
+Padding and causal ALiBi reach those kernels as extra head dimensions (export/_kernels_onnx.py).
+
+The core works in the projections' layout, [b, s, heads, h_d], so neither the model nor the
+lowering transposes q, k, v or the output: at long sequences each transpose is a copy.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from models._encodings import relative_distances
 
 _ROUTE_TO_KERNELS = False
 _ROUTED_CALLS = [0]
@@ -42,31 +48,93 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.reshape(b, h_kv * n_rep, s_kv, h_d)  # [b, h, s_kv, h_d]
 
 
-def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _score_mask(s, s_kv, key_padding_mask, alibi_slopes, causal, window, device):
+    """bool (True = attend) or float (added) mask [b|1, h|1, s, s_kv], or None for none."""
+    allowed = None
+    if causal or window:
+        dist = relative_distances(s, s_kv, device)  # [s, s_kv], j - (p + i)
+        allowed = dist <= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
+        if window:
+            allowed = allowed & (dist.abs() < window)
+        allowed = allowed[None, None]  # [1, 1, s, s_kv]
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # [b, 1, 1, s_kv]
+        allowed = keep if allowed is None else allowed & keep
+    if alibi_slopes is None:
+        return allowed
+    dist = relative_distances(s, s_kv, device).abs().to(alibi_slopes.dtype)  # [s, s_kv]
+    bias = -alibi_slopes[None, :, None, None] * dist[None, None]  # [1, h, s, s_kv]
+    return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+
+
+def _reference(q, k, v, key_padding_mask, alibi_slopes, causal: bool, window: int):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, h_d]
     n_rep = q.shape[1] // k.shape[1]
-    # With s == s_kv (no cache) top-left and bottom-right causal alignment coincide, so torch's
-    # is_causal fast path (which skips the masked half) computes the bottom-right semantics.
-    return F.scaled_dot_product_attention(
-        q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    mask = _score_mask(
+        q.shape[2], k.shape[2], key_padding_mask, alibi_slopes, causal, window, q.device
     )
+    if mask is None:
+        # Without a cache s == s_kv, so top-left and bottom-right causal alignment coincide and
+        # torch's is_causal fast path (which skips the masked half) has attnx's semantics.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2])
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        valid = mask.any(-1, keepdim=True) if mask.dtype == torch.bool else (
+            (mask > float("-inf")).any(-1, keepdim=True)
+        )
+        out = out.masked_fill(~valid, 0.0)  # rows with every key masked are zeros
+    return out.transpose(1, 2)  # [b, s, h, h_d]
 
 
-@torch.library.custom_op("attnx::causal_attention", mutates_args=())
-def _causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _causal_reference(q, k, v)
+@torch.library.custom_op("attnx::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    causal: bool,
+    window: int,
+) -> torch.Tensor:
+    return _reference(q, k, v, key_padding_mask, alibi_slopes, causal, window)
 
 
-@_causal_attention_op.register_fake
-def _(q, k, v):
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, alibi_slopes, causal, window):
     return torch.empty_like(q)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention without cache, mask or bias.
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention without cache whose masks and bias a kernel can take without an s x s tensor.
 
-    q [b, h, s, h_d], k/v [b, h_kv, s, h_d] (h a multiple of h_kv) -> [b, h, s, h_d].
+    Args:
+        q (torch.Tensor): [b, s, h, h_d].
+        k, v (torch.Tensor): [b, s_kv, h_kv, h_d], h a multiple of h_kv.
+        key_padding_mask (torch.Tensor | None): bool [b, s_kv], True at padded keys.
+        alibi_slopes (torch.Tensor | None): [h]; adds -slope_h * |j - i| to the scaled scores.
+            Causal attention only, where it is a per-key bias up to a per-row constant.
+        causal (bool): query i attends to keys j <= i (self-attention, s == s_kv).
+        window (int | None): with causal, keys less than ``window`` positions back.
+
+    Returns:
+        torch.Tensor: [b, s, h, h_d]; rows whose keys are all masked are zeros.
     """
+    if not causal and (alibi_slopes is not None or window is not None):
+        raise ValueError(
+            "the attention kernel takes ALiBi slopes and a window only for causal attention"
+        )
+    window = window or 0
     if _ROUTE_TO_KERNELS:
         _ROUTED_CALLS[0] += 1
-        return torch.ops.attnx.causal_attention(q, k, v)
-    return _causal_reference(q, k, v)
+        return torch.ops.attnx.attention(q, k, v, key_padding_mask, alibi_slopes, causal, window)
+    return _reference(q, k, v, key_padding_mask, alibi_slopes, causal, window)

@@ -29,6 +29,7 @@ from models import (
     zoo,
 )
 from models._encodings import _ScoreBias
+from models._kernels import attention as kernel_attention
 from models.zoo import InputSpec, UnknownEntryError
 
 MODELS_DIR = Path(models.__file__).parent
@@ -59,6 +60,10 @@ def kv(p: int = 2, h_kv: int = H) -> torch.Tensor:
     return torch.zeros(1, h_kv, p, HD)
 
 
+def qkv(s: int = 3) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.zeros(1, s, H, HD) for _ in range(3))  # [b, s, h, h_d] each
+
+
 def bare_score_bias():
     return _ScoreBias().score_bias(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
 
@@ -75,7 +80,7 @@ def odd_input_kind():
 # site: "module:function:message skeleton" as `raise_sites` below derives it from the source
 # ({} marks a formatted value). Each case: (site, call, message pattern); the exception is
 # ValueError unless EXCEPTIONS says otherwise.
-A, E, L, Z = "_attention", "_encodings", "_layers", "zoo"
+A, E, K, L, Z = "_attention", "_encodings", "_kernels", "_layers", "zoo"
 POSITIVE = "{} ({}) must be positive"
 CASES = {
     # --- encodings
@@ -134,6 +139,21 @@ CASES = {
         "sinusoidal encodings",
         lambda: SinusoidalPositionalEncoding(dim=5),
         r"dim \(5\) must be even",
+    ),
+    "rope-seq-dim-3": (
+        f"{E}:RotaryEmbedding.forward:seq_dim ({{}}) must be 1 ([b, s, h, h_d]) or 2 ([b, h, s, h_d])",
+        lambda: RotaryEmbedding(head_dim=HD)(torch.zeros(1, 2, 3, HD), seq_dim=3),
+        r"seq_dim \(3\) must be 1 \(\[b, s, h, h_d\]\) or 2",
+    ),
+    "kernel-alibi-not-causal": (
+        f"{K}:attention:the attention kernel takes ALiBi slopes and a window only for causal attention",
+        lambda: kernel_attention(*qkv(), alibi_slopes=torch.ones(H)),
+        r"ALiBi slopes and a window only for causal attention",
+    ),
+    "kernel-window-not-causal": (
+        f"{K}:attention:the attention kernel takes ALiBi slopes and a window only for causal attention",
+        lambda: kernel_attention(*qkv(), window=2),
+        r"ALiBi slopes and a window only for causal attention",
     ),
     "rope-odd": (
         f"{E}:RotaryEmbedding.__init__:head_dim ({{}}) must be even for rotary embeddings",
