@@ -41,8 +41,9 @@ def _schema(name: str, inputs: list[str], outputs: list[str], attrs: dict) -> on
     schema = onnx.defs.OpSchema
     optional = schema.FormalParameterOption.Optional
     formal = [schema.FormalParameter(inputs[0], "T")] + [
-        schema.FormalParameter(n, "M" if n in ("seqlens_k", "total_sequence_length") else "T",
-                               param_option=optional)
+        schema.FormalParameter(
+            n, "M" if n in ("seqlens_k", "total_sequence_length") else "T", param_option=optional
+        )
         for n in inputs[1:]
     ]
     return schema(
@@ -67,8 +68,12 @@ GROUP_QUERY_ATTENTION = Op(
         "GroupQueryAttention",
         ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
         ["output", "present_key", "present_value"],
-        {"num_heads": _ATTR.INT, "kv_num_heads": _ATTR.INT, "scale": _ATTR.FLOAT,
-         "local_window_size": _ATTR.INT},
+        {
+            "num_heads": _ATTR.INT,
+            "kv_num_heads": _ATTR.INT,
+            "scale": _ATTR.FLOAT,
+            "local_window_size": _ATTR.INT,
+        },
     ),
 )
 MULTI_HEAD_ATTENTION = Op(
@@ -117,8 +122,9 @@ def _causal(q, k, v, key_padding_mask, alibi_slopes, window: int, heads, kv_head
         if alibi_slopes is not None:
             q_cols.append(op.Mul(alibi_slopes, op.Constant(value_float=1.0 / scale)))
         width = len(q_cols)
-        q_cols = op.Unsqueeze(op.Concat(*(op.Unsqueeze(c, _ints(1)) for c in q_cols), axis=1),
-                              _ints(0, 1))  # [1, 1, h, width]
+        q_cols = op.Unsqueeze(
+            op.Concat(*(op.Unsqueeze(c, _ints(1)) for c in q_cols), axis=1), _ints(0, 1)
+        )  # [1, 1, h, width]
         q = _extend(q, q_cols, width, _dims(q_shape, 0, 2), heads)
         b_skv = _dims(k_shape, 0, 2)
         k_cols = [
@@ -179,8 +185,7 @@ def _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim):
         qk_size = head_dim + 1  # MultiHeadAttention lets q/k and v head sizes differ
         ones = _expand_to(op.Constant(value_floats=[1.0]), _dims(op.Shape(q), 0, 3), 1)
         q = op.Concat(q, ones, axis=3)
-        k_col = _expand_to(_padded_key_scores(key_padding_mask), _dims(op.Shape(k), 0, 2),
-                           heads, 1)
+        k_col = _expand_to(_padded_key_scores(key_padding_mask), _dims(op.Shape(k), 0, 2), heads, 1)
         k = op.Concat(k, k_col, axis=3)
     out = MULTI_HEAD_ATTENTION(
         op.Reshape(q, _ints(0, 0, heads * qk_size)),
@@ -220,8 +225,7 @@ def attention(q, k, v, key_padding_mask=None, alibi_slopes=None, causal=False, w
     heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
     if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
         raise ValueError(
-            f"attnx::attention needs static head counts and head size, got q {q.shape}, "
-            f"k {k.shape}"
+            f"attnx::attention needs static head counts and head size, got q {q.shape}, k {k.shape}"
         )
     if not causal and (alibi_slopes is not None or window):
         raise ValueError("attnx::attention lowers ALiBi slopes and a window only when causal")

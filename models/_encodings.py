@@ -308,7 +308,9 @@ class RotaryEmbedding(nn.Module):
     ) -> torch.Tensor:
         """x: [b, h, s, h_d], or [b, s, h, h_d] with seq_dim=1 -> rotated x, same shape."""
         if seq_dim not in (1, 2):
-            raise ValueError(f"seq_dim ({seq_dim}) must be 1 ([b, s, h, h_d]) or 2 ([b, h, s, h_d])")
+            raise ValueError(
+                f"seq_dim ({seq_dim}) must be 1 ([b, s, h, h_d]) or 2 ([b, h, s, h_d])"
+            )
         s = x.shape[seq_dim]
         pos = torch.arange(s, device=x.device, dtype=torch.float32) + offset  # [s]
         angles = pos[:, None] * self.inv_freq[None, :]  # [s, h_d/2]

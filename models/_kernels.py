@@ -80,8 +80,10 @@ def _reference(q, k, v, key_padding_mask, alibi_slopes, causal: bool, window: in
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2])
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        valid = mask.any(-1, keepdim=True) if mask.dtype == torch.bool else (
-            (mask > float("-inf")).any(-1, keepdim=True)
+        valid = (
+            mask.any(-1, keepdim=True)
+            if mask.dtype == torch.bool
+            else ((mask > float("-inf")).any(-1, keepdim=True))
         )
         out = out.masked_fill(~valid, 0.0)  # rows with every key masked are zeros
     return out.transpose(1, 2)  # [b, s, h, h_d]

@@ -82,6 +82,9 @@ def odd_input_kind():
 # ValueError unless EXCEPTIONS says otherwise.
 A, E, K, L, Z = "_attention", "_encodings", "_kernels", "_layers", "zoo"
 POSITIVE = "{} ({}) must be positive"
+KERNEL_CAUSAL_ONLY = (
+    "the attention kernel takes ALiBi slopes and a window only for causal attention"
+)
 CASES = {
     # --- encodings
     "sinusoid-dim-0": (
@@ -141,17 +144,18 @@ CASES = {
         r"dim \(5\) must be even",
     ),
     "rope-seq-dim-3": (
-        f"{E}:RotaryEmbedding.forward:seq_dim ({{}}) must be 1 ([b, s, h, h_d]) or 2 ([b, h, s, h_d])",
+        f"{E}:RotaryEmbedding.forward:seq_dim ({{}}) must be 1 ([b, s, h, h_d]) or 2 "
+        "([b, h, s, h_d])",
         lambda: RotaryEmbedding(head_dim=HD)(torch.zeros(1, 2, 3, HD), seq_dim=3),
         r"seq_dim \(3\) must be 1 \(\[b, s, h, h_d\]\) or 2",
     ),
     "kernel-alibi-not-causal": (
-        f"{K}:attention:the attention kernel takes ALiBi slopes and a window only for causal attention",
+        f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), alibi_slopes=torch.ones(H)),
         r"ALiBi slopes and a window only for causal attention",
     ),
     "kernel-window-not-causal": (
-        f"{K}:attention:the attention kernel takes ALiBi slopes and a window only for causal attention",
+        f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), window=2),
         r"ALiBi slopes and a window only for causal attention",
     ),
