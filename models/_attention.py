@@ -27,17 +27,10 @@ from models._encodings import (
     _ScoreBias,
     relative_distances,
 )
+from models._kernels import _has_valid_key, repeat_kv
 from models._kernels import attention as kernel_attention
-from models._kernels import repeat_kv
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
-
-
-def _has_valid_key(attn_mask: torch.Tensor) -> torch.Tensor:
-    """[..., s, s_kv] mask -> [..., s, 1] bool, True where at least one key is allowed."""
-    if attn_mask.dtype == torch.bool:
-        return attn_mask.any(dim=-1, keepdim=True)
-    return (attn_mask > float("-inf")).any(dim=-1, keepdim=True)
 
 
 def scaled_dot_product_attention(

@@ -67,25 +67,27 @@ def _score_mask(s, s_kv, key_padding_mask, alibi_slopes, causal, window, device)
     return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
 
+def _has_valid_key(mask: torch.Tensor) -> torch.Tensor:
+    """[..., s, s_kv] bool or float mask -> [..., s, 1], True where some key is allowed."""
+    if mask.dtype == torch.bool:
+        return mask.any(dim=-1, keepdim=True)
+    return (mask > float("-inf")).any(dim=-1, keepdim=True)
+
+
 def _reference(q, k, v, key_padding_mask, alibi_slopes, causal: bool, window: int):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, h_d]
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    mask = _score_mask(
-        q.shape[2], k.shape[2], key_padding_mask, alibi_slopes, causal, window, q.device
-    )
-    if mask is None:
+    if key_padding_mask is None and alibi_slopes is None and not window:
         # Without a cache s == s_kv, so top-left and bottom-right causal alignment coincide and
         # torch's is_causal fast path (which skips the masked half) has attnx's semantics.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] == k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        valid = (
-            mask.any(-1, keepdim=True)
-            if mask.dtype == torch.bool
-            else ((mask > float("-inf")).any(-1, keepdim=True))
+        mask = _score_mask(
+            q.shape[2], k.shape[2], key_padding_mask, alibi_slopes, causal, window, q.device
         )
-        out = out.masked_fill(~valid, 0.0)  # rows with every key masked are zeros
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.masked_fill(~_has_valid_key(mask), 0.0)  # rows with every key masked
     return out.transpose(1, 2)  # [b, s, h, h_d]
 
 
