@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -40,6 +41,35 @@ def relative_distances(s: int, s_kv: int, device=None) -> torch.Tensor:
     q_pos = torch.arange(s, device=device) + (s_kv - s)  # [s]
     k_pos = torch.arange(s_kv, device=device)  # [s_kv]
     return k_pos[None, :] - q_pos[:, None]  # [s, s_kv]
+
+
+def skew_distances(s: int, s_kv: int, device=None) -> torch.Tensor:
+    """The s + s_kv - 1 relative distances j - (p + i) a query block meets, in the column order
+    that :func:`skew` expects: column m is distance m - (s_kv - 1)."""
+    return torch.arange(s + s_kv - 1, device=device) - (s_kv - 1)
+
+
+def skew(per_distance: torch.Tensor, s_kv: int) -> torch.Tensor:
+    """[..., s, s + s_kv - 1] (a value per query and relative distance, columns as in
+    :func:`skew_distances`) -> [..., s, s_kv] (the value per query and key).
+
+    Entry (i, j) is column j + s - 1 - i of row i. Transformer-XL's relative shift: a pad, two
+    reshapes and slices instead of gathering from an [s, s_kv] index, so a relative term costs
+    one matmul against s + s_kv - 1 distances rather than an [s, s_kv, h_d] table.
+    """
+    s, width = per_distance.shape[-2], per_distance.shape[-1]
+    flat = F.pad(per_distance, (0, 1)).flatten(-2)  # rows of width + 1
+    flat = flat[..., s - 1 : s - 1 + s * width]  # row i now starts at its column s - 1 - i
+    return flat.unflatten(-1, (s, width))[..., :s_kv]
+
+
+def unskew(per_key: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`skew`: [..., s, s_kv] -> [..., s, s + s_kv - 1], zeros elsewhere."""
+    s, s_kv = per_key.shape[-2], per_key.shape[-1]
+    width = s + s_kv - 1
+    flat = F.pad(per_key, (0, s - 1)).flatten(-2)  # rows of width; the zeros spill harmlessly
+    flat = F.pad(flat, (s - 1, 1))  # [..., s * (width + 1)]
+    return flat.unflatten(-1, (s, width + 1))[..., :width]
 
 
 def _check_positive(**values: int) -> None:
@@ -239,22 +269,26 @@ class ShawRelativePosition(_ScoreBias):
         self.value_table = nn.Embedding(2 * max_distance + 1, head_dim)
 
     def index(self, s: int, s_kv: int, device=None) -> torch.Tensor:
-        """Clipped, shifted distance ids [s, s_kv] in 0..2k."""
+        """Clipped, shifted distance ids [s, s_kv] in 0..2k: the row each (query, key) uses."""
         dist = relative_distances(s, s_kv, device)  # [s, s_kv]
         return dist.clamp(-self.max_distance, self.max_distance) + self.max_distance
 
+    def _rows(self, table: nn.Embedding, s: int, s_kv: int, device) -> torch.Tensor:
+        """[s + s_kv - 1, h_d]: the table row of each relative distance, in skew order."""
+        dist = skew_distances(s, s_kv, device).clamp(-self.max_distance, self.max_distance)
+        return table(dist + self.max_distance)
+
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h_kv, s_kv, h_d] -> bias [b, h, s, s_kv] (scaled)."""
-        a_k = self.key_table(self.index(q.shape[2], k.shape[2], q.device)).to(
-            q.dtype
-        )  # [s, s_kv, h_d]
-        return torch.einsum("bhid,ijd->bhij", q, a_k) / math.sqrt(q.shape[-1])
+        s, s_kv = q.shape[2], k.shape[2]
+        a_k = self._rows(self.key_table, s, s_kv, q.device).to(q.dtype)  # [s + s_kv - 1, h_d]
+        return skew(q @ a_k.T, s_kv) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
 
     def value_term(self, probs: torch.Tensor) -> torch.Tensor:
         """probs: [b, h, s, s_kv] -> [b, h, s, h_d]."""
         s, s_kv = probs.shape[2], probs.shape[3]
-        a_v = self.value_table(self.index(s, s_kv, probs.device)).to(probs.dtype)  # [s, s_kv, h_d]
-        return torch.einsum("bhij,ijd->bhid", probs, a_v)
+        a_v = self._rows(self.value_table, s, s_kv, probs.device).to(probs.dtype)
+        return unskew(probs) @ a_v  # [b, h, s, s + s_kv - 1] @ [s + s_kv - 1, h_d]
 
 
 class TransformerXLRelativeBias(_ScoreBias):
@@ -278,11 +312,11 @@ class TransformerXLRelativeBias(_ScoreBias):
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h, s_kv, h_d] -> bias [b, h, s, s_kv] (scaled)."""
         s, s_kv = q.shape[2], k.shape[2]
-        dist = (-relative_distances(s, s_kv, q.device)).to(q.dtype)  # [s, s_kv], i - j
-        angles = dist[..., None] * self.sinusoid.inv_freq.to(q.dtype)  # [s, s_kv, d/2]
-        r = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(2)  # [s, s_kv, d]
-        r = self.r_proj(r).unflatten(-1, (self.num_heads, self.head_dim))  # [s, s_kv, h, h_d]
-        position = torch.einsum("bhid,ijhd->bhij", q + self.v[None, :, None], r)
+        dist = -skew_distances(s, s_kv, q.device).to(q.dtype)  # [s + s_kv - 1], i - j
+        angles = dist[:, None] * self.sinusoid.inv_freq.to(q.dtype)  # [s + s_kv - 1, d/2]
+        r = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # [s + s_kv - 1, d]
+        r = self.r_proj(r).unflatten(-1, (self.num_heads, self.head_dim))  # [L, h, h_d]
+        position = skew((q + self.v[None, :, None]) @ r.permute(1, 2, 0), s_kv)  # [b, h, s, s_kv]
         content_bias = torch.einsum("hd,bhjd->bhj", self.u, k)[:, :, None, :]  # [b, h, 1, s_kv]
         return (position + content_bias) / math.sqrt(self.head_dim)
 

@@ -20,6 +20,7 @@ from models import (
     relative_distances,
     t5_bucket,
 )
+from models._encodings import skew, skew_distances, unskew
 from tests.models._helpers import (
     assert_close,
     build,
@@ -250,6 +251,20 @@ def test_shaw_index_stays_in_table_at_long_length():
     assert ids.min().item() == 0 and ids.max().item() == 6  # 2k, never negative
     assert ids[-1, 0].item() == 0 and ids[0, -1].item() == 6  # far distances reuse end rows
     assert ids.diagonal().eq(3).all()
+
+
+@pytest.mark.parametrize(("s", "s_kv"), [(5, 5), (2, 5), (1, 1), (1, 4), (4, 4), (3, 7)])
+def test_skew_places_each_distance_where_index_says(s, s_kv):
+    shaw = ShawRelativePosition(head_dim=HD, max_distance=2)
+    per_distance = skew_distances(s, s_kv).clamp(-2, 2) + 2  # [s + s_kv - 1]
+    table = per_distance.expand(s, -1).float()  # [s, s + s_kv - 1]
+    assert skew(table, s_kv).long().tolist() == shaw.index(s, s_kv).tolist()
+    # unskew puts each key's value back in its distance column, zeros elsewhere
+    per_key = torch.arange(1, s * s_kv + 1, dtype=torch.float32).reshape(s, s_kv)
+    back = unskew(per_key)
+    assert back.shape == (s, s + s_kv - 1)
+    assert torch.equal(skew(back, s_kv), per_key)
+    assert back.sum() == per_key.sum()  # nothing else leaks in
 
 
 def test_relative_distances_bottom_right():
