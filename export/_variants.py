@@ -182,6 +182,7 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
     from models._kernels import ort_kernels
 
+    from ._head_groups import LOOP_MIN_SEQ, group_heads
     from ._kernels_onnx import translation_table
     from ._pipeline import capture
 
@@ -193,7 +194,11 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
             model = capture(spec, opset, custom_translation_table=translation_table())
     graph = ir.from_proto(model)
     optimize_for_ort(graph)
-    return ir.to_proto(graph)
+    model = ir.to_proto(graph)
+    # The head-group Loop only serves sequences of LOOP_MIN_SEQ tokens or more; a block declared
+    # shorter would carry it as dead code.
+    longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
+    return group_heads(model) if longest >= LOOP_MIN_SEQ else model
 
 
 def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:

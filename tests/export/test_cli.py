@@ -32,8 +32,15 @@ def test_list_names_every_entry(capsys):
 
 
 def test_export_torch_modules_through_factories(tmp_path, capsys):
-    code = main(["export", f"{FACTORIES}:torch_mha", f"{FACTORIES}:torch_encoder_layer",
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "export",
+            f"{FACTORIES}:torch_mha",
+            f"{FACTORIES}:torch_encoder_layer",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.strip().splitlines()[-1] == "PASSED"
@@ -108,8 +115,14 @@ def test_console_script_runs_the_same_main(tmp_path):
     if not script.exists():
         pytest.skip("attnx console script not installed (pip install -e .)")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(script), "export", "sinusoidal_pe", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [str(script), "export", "sinusoidal_pe", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "PASSED"
     assert (tmp_path / "sinusoidal_pe" / "manifest.json").exists()
@@ -119,8 +132,9 @@ def test_bench_vs_torch_times_both_on_the_same_inputs(tmp_path, capsys):
     assert main(["export", "causal_self", "--out", str(tmp_path), "--variants", "fused"]) == 0
     capsys.readouterr()
     bundle = str(tmp_path / "causal_self")
-    code = main(["bench", bundle, "--vs-torch", "--shape", "seq=33", "--iters", "5",
-                 "--warmup", "1"])
+    code = main(
+        ["bench", bundle, "--vs-torch", "--shape", "seq=33", "--iters", "5", "--warmup", "1"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     last = out.strip().splitlines()[-1]

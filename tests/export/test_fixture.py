@@ -22,7 +22,8 @@ class GatedBlock(nn.Module):
 def test_my_block_exports_with_parity(attnx_parity):
     torch.manual_seed(0)
     result = attnx_parity(
-        GatedBlock(), {"x": torch.randn(2, 7, 16)},
+        GatedBlock(),
+        {"x": torch.randn(2, 7, 16)},
         dynamic={"x": {0: "batch", 1: ("seq", 1, 64)}},
     )
     assert result.passed
@@ -41,5 +42,6 @@ class Drifts(nn.Module):
 
 def test_fixture_raises_parity_error_on_a_miss(attnx_parity):
     with pytest.raises(ParityError, match=r"(?s)parity failed: 6 of 6 records.* y: max_abs"):
-        attnx_parity(Drifts(), {"x": torch.randn(2, 7)}, dynamic={"x": {1: "seq"}},
-                     output_names=("y",))
+        attnx_parity(
+            Drifts(), {"x": torch.randn(2, 7)}, dynamic={"x": {1: "seq"}}, output_names=("y",)
+        )

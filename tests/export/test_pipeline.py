@@ -42,8 +42,9 @@ def test_every_zoo_entry_has_an_export_test():
 
 
 def test_grid_covers_batch_one_odd_sizes_beyond_example_and_max():
-    grid = default_grid({"batch": (1, 16), "seq": (1, 256), "past": (0, 64)},
-                        {"batch": 2, "seq": 7, "past": 3})
+    grid = default_grid(
+        {"batch": (1, 16), "seq": (1, 256), "past": (0, 64)}, {"batch": 2, "seq": 7, "past": 3}
+    )
     seqs = {p["seq"] for p in grid}
     assert {1, 2, 5, 7, 17, 256} <= seqs
     assert {1, 2, 16} <= {p["batch"] for p in grid}
@@ -141,8 +142,11 @@ class FrozenTable(nn.Module):
 def test_module_that_only_works_at_its_example_length_is_refused():
     x = torch.randn(2, 7, 8)
     # torch 2.13 specializes the dim silently instead of raising; the check stage catches it.
-    with pytest.raises(ExportError, match=r"stage 2/5 \(check\): input 'x' axis 1 was declared "
-                       r"dynamic \('seq'\) but the saved graph fixes it to 7"):
+    with pytest.raises(
+        ExportError,
+        match=r"stage 2/5 \(check\): input 'x' axis 1 was declared "
+        r"dynamic \('seq'\) but the saved graph fixes it to 7",
+    ):
         export_module(FrozenTable(7, 8), (x,), dynamic={"x": {0: "batch", 1: "seq"}})
 
 
@@ -213,10 +217,15 @@ def test_failure_while_writing_leaves_previous_bundle_intact(tmp_path, monkeypat
 
 def test_declared_dims_are_symbolic_in_the_saved_graph(zoo_bundles):
     model = onnx.load(str(zoo_bundles["mha_cross"] / "model.onnx"))
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in model.graph.input}
-    assert dims == {"x": ["batch", "seq", 32], "context": ["batch", "kv_seq", 48],
-                    "key_padding_mask": ["batch", "kv_seq"]}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
+    assert dims == {
+        "x": ["batch", "seq", 32],
+        "context": ["batch", "kv_seq", 48],
+        "key_padding_mask": ["batch", "kv_seq"],
+    }
 
 
 def test_opset_below_minimum_is_refused():
@@ -226,8 +235,11 @@ def test_opset_below_minimum_is_refused():
 
 def test_a_file_where_the_bundle_goes_is_refused_and_kept(tmp_path):
     (tmp_path / "learned_pe").write_text("not a bundle")
-    with pytest.raises(ExportError, match=r"stage 5/5 \(write\): .*learned_pe exists and is not a "
-                       "bundle folder"):
+    with pytest.raises(
+        ExportError,
+        match=r"stage 5/5 \(write\): .*learned_pe exists and is not a "
+        "bundle folder",
+    ):
         run_pipeline(spec_from_zoo(zoo.get("learned_pe")), out=tmp_path, variants=())
     assert (tmp_path / "learned_pe").read_text() == "not a bundle"
     assert [p.name for p in tmp_path.iterdir()] == ["learned_pe"]

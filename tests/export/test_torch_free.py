@@ -22,8 +22,14 @@ def no_torch_env(tmp_path):
 
 
 def _attnx(args, env, cwd):
-    return subprocess.run([sys.executable, "-c", ENTRY, *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", ENTRY, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_verify_every_zoo_bundle_without_torch(zoo_bundles, no_torch_env, tmp_path):
@@ -49,8 +55,9 @@ def test_run_reproduces_golden_without_torch(zoo_bundles, no_torch_env, tmp_path
     proc = _attnx(["run", str(bundle), *args, "--out", str(out)], no_torch_env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     with np.load(out, allow_pickle=False) as got:
-        expected = {k.removeprefix("case0.out."): v for k, v in arrays.items()
-                    if k.startswith("case0.out.")}
+        expected = {
+            k.removeprefix("case0.out."): v for k, v in arrays.items() if k.startswith("case0.out.")
+        }
         assert sorted(got.files) == sorted(expected)
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, atol=1e-4, rtol=1e-3)

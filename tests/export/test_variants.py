@@ -46,8 +46,10 @@ def test_every_variant_has_its_own_passing_parity_records(zoo_bundles, name):
 def test_int8_uses_its_documented_tolerance_and_is_never_picked_automatically(zoo_bundles):
     manifest = _manifest(zoo_bundles, "mha_self")
     int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
-    assert int8["tolerance"]["float32"] == {"atol": INT8_TOLERANCE.atol,
-                                            "rtol": INT8_TOLERANCE.rtol}
+    assert int8["tolerance"]["float32"] == {
+        "atol": INT8_TOLERANCE.atol,
+        "rtol": INT8_TOLERANCE.rtol,
+    }
     assert manifest["extra"]["variants"]["int8"]["lossy"] is True
     bundle = load_bundle(zoo_bundles["mha_self"])
     assert choose_variant(bundle.manifest, "CPUExecutionProvider").name != "int8"
@@ -65,8 +67,11 @@ def test_runner_picks_the_fastest_variant_that_passed(zoo_bundles):
     bundle = load_bundle(zoo_bundles["gqa_rope"])
     manifest = bundle.manifest
     notes = json.loads(json.dumps(manifest.extra["variants"]))
-    names = [v.name for v in manifest.variants if not notes[v.name]["lossy"]
-             and "CPUExecutionProvider" in v.providers]
+    names = [
+        v.name
+        for v in manifest.variants
+        if not notes[v.name]["lossy"] and "CPUExecutionProvider" in v.providers
+    ]
     assert len(names) >= 2
     for fastest in names:
         for name in names:
