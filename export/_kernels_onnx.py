@@ -239,7 +239,41 @@ def attention(q, k, v, key_padding_mask=None, alibi_slopes=None, causal=False, w
     return op.Where(valid, out, op.Constant(value_float=0.0))
 
 
+def cached_attention(q, k, v, past_key, past_value):
+    """Lowering of attnx::cached_attention: q [b, s, h, h_d], k/v [b, s, h_kv, h_d], past
+    [b, h_kv, p, h_d] -> (out [b, s, h, h_d], present key, present value [b, h_kv, p + s, h_d]).
+    GroupQueryAttention keeps the cache in attnx's layout; export/_batch_rows.py then runs the
+    prompts it refuses (batch > 1, s > 1 and a past) row by row."""
+    heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
+    if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
+        raise ValueError(
+            f"attnx::cached_attention needs static head counts and head size, got q {q.shape}, "
+            f"k {k.shape}"
+        )
+    k_shape = op.Shape(k)
+    total_len = op.Add(_dims(op.Shape(past_key), 2, 3), _dims(k_shape, 1, 2))  # [p + s]
+    seqlens_k = op.Cast(_expand_to(op.Sub(total_len, _ints(1)), _dims(k_shape, 0, 1)), to=INT32)
+    out, present_key, present_value = GROUP_QUERY_ATTENTION(
+        op.Reshape(q, _ints(0, 0, heads * head_dim)),
+        op.Reshape(k, _ints(0, 0, kv_heads * head_dim)),
+        op.Reshape(v, _ints(0, 0, kv_heads * head_dim)),
+        past_key,
+        past_value,
+        seqlens_k,
+        op.Cast(op.Squeeze(total_len, _ints(0)), to=INT32),
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        scale=1.0 / math.sqrt(head_dim),
+        local_window_size=-1,
+        _outputs=3,
+    )
+    return op.Reshape(out, _ints(0, 0, heads, head_dim)), present_key, present_value
+
+
 def translation_table() -> dict:
     import models._kernels  # noqa: F401  (registers the custom ops)
 
-    return {torch.ops.attnx.attention.default: attention}
+    return {
+        torch.ops.attnx.attention.default: attention,
+        torch.ops.attnx.cached_attention.default: cached_attention,
+    }

@@ -182,6 +182,7 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
     from models._kernels import ort_kernels
 
+    from ._batch_rows import rows_for_cached_prompts
     from ._head_groups import LOOP_MIN_SEQ, group_heads
     from ._kernels_onnx import translation_table
     from ._pipeline import capture
@@ -198,6 +199,7 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
     # The head-group Loop only serves sequences of LOOP_MIN_SEQ tokens or more; a block declared
     # shorter would carry it as dead code.
     longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
+    model = rows_for_cached_prompts(model)
     return group_heads(model) if longest >= LOOP_MIN_SEQ else model
 
 

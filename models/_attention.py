@@ -27,7 +27,7 @@ from models._encodings import (
     _ScoreBias,
     relative_distances,
 )
-from models._kernels import _has_valid_key, repeat_kv
+from models._kernels import _has_valid_key, cached_attention, repeat_kv, routing
 from models._kernels import attention as kernel_attention
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
@@ -191,6 +191,13 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, h, h_d]
         k = self.k_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if past_key is not None and key_padding_mask is None and self._kernel_serves_cache():
+            offset = past_key.shape[2]
+            if isinstance(self.pos_embeddings, RotaryEmbedding):
+                q = self.pos_embeddings(q, offset, seq_dim=1)
+                k = self.pos_embeddings(k, offset, seq_dim=1)
+            out, present_key, present_value = cached_attention(q, k, v, past_key, past_value)
+            return self.out_proj(out.flatten(2)), present_key, present_value
         if past_key is None and self._kernel_serves():
             if isinstance(self.pos_embeddings, RotaryEmbedding):
                 q = self.pos_embeddings(q, seq_dim=1)
@@ -224,6 +231,13 @@ class MultiHeadAttention(nn.Module):
         return (pos is None or isinstance(pos, RotaryEmbedding)) and (
             self.window is None or self.causal
         )
+
+    def _kernel_serves_cache(self) -> bool:
+        """Whether models._kernels.cached_attention serves this attention's cached step; only
+        while routing to kernels: eager and the other exports keep the path below."""
+        pos = self.pos_embeddings
+        plain = pos is None or isinstance(pos, RotaryEmbedding)
+        return routing() and self.causal and self.window is None and plain
 
     def _attend_kernel(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d] -> [b, s, h, h_d]."""

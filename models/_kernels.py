@@ -142,3 +142,56 @@ def attention(
         _ROUTED_CALLS[0] += 1
         return torch.ops.attnx.attention(q, k, v, key_padding_mask, alibi_slopes, causal, window)
     return _reference(q, k, v, key_padding_mask, alibi_slopes, causal, window)
+
+
+def routing() -> bool:
+    """Whether attention cores are being routed to kernel ops (inside ``ort_kernels()``)."""
+    return _ROUTE_TO_KERNELS
+
+
+def _cached_reference(q, k, v, past_key, past_value):
+    present_key = torch.cat((past_key, k.transpose(1, 2)), dim=2)  # [b, h_kv, p + s, h_d]
+    present_value = torch.cat((past_value, v.transpose(1, 2)), dim=2)
+    n_rep = q.shape[2] // k.shape[2]
+    keys, values = repeat_kv(present_key, n_rep), repeat_kv(present_value, n_rep)
+    q = q.transpose(1, 2)  # [b, h, s, h_d]
+    # Bottom-right causal: query i sits at position p + i, so every row has a key.
+    allowed = relative_distances(q.shape[2], keys.shape[2], q.device) <= 0  # [s, p + s]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+    return out.transpose(1, 2).contiguous(), present_key, present_value
+
+
+@torch.library.custom_op("attnx::cached_attention", mutates_args=())
+def _cached_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cached_reference(q, k, v, past_key, past_value)
+
+
+@_cached_attention_op.register_fake
+def _(q, k, v, past_key, past_value):
+    b, h_kv, p, h_d = past_key.shape
+    present = past_key.new_empty(b, h_kv, p + k.shape[1], h_d)
+    return torch.empty_like(q), present, torch.empty_like(present)
+
+
+def cached_attention(q, k, v, past_key, past_value):
+    """Causal attention of new tokens over a KV cache, as a kernel op (export routing only).
+
+    Args:
+        q (torch.Tensor): [b, s, h, h_d].
+        k, v (torch.Tensor): the new keys and values [b, s, h_kv, h_d] (after RoPE).
+        past_key, past_value (torch.Tensor): [b, h_kv, p, h_d].
+
+    Returns:
+        (out [b, s, h, h_d], present_key, present_value [b, h_kv, p + s, h_d]); query i sits at
+        position p + i (bottom-right causal).
+    """
+    if not _ROUTE_TO_KERNELS:
+        raise RuntimeError("cached_attention is a kernel op: call it inside ort_kernels()")
+    _ROUTED_CALLS[0] += 1
+    return torch.ops.attnx.cached_attention(q, k, v, past_key, past_value)

@@ -30,6 +30,7 @@ from models import (
 )
 from models._encodings import _ScoreBias
 from models._kernels import attention as kernel_attention
+from models._kernels import cached_attention
 from models.zoo import InputSpec, UnknownEntryError
 
 MODELS_DIR = Path(models.__file__).parent
@@ -153,6 +154,11 @@ CASES = {
         f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), alibi_slopes=torch.ones(H)),
         r"ALiBi slopes and a window only for causal attention",
+    ),
+    "kernel-cached-outside-routing": (
+        f"{K}:cached_attention:cached_attention is a kernel op: call it inside ort_kernels()",
+        lambda: cached_attention(*qkv(), torch.zeros(1, H, 2, HD), torch.zeros(1, H, 2, HD)),
+        r"cached_attention is a kernel op: call it inside ort_kernels\(\)",
     ),
     "kernel-window-not-causal": (
         f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
@@ -436,6 +442,7 @@ EXCEPTIONS = {
     "zoo-unknown-name": UnknownEntryError,
     "score-bias-abstract": NotImplementedError,
     "value-term-abstract": NotImplementedError,
+    "kernel-cached-outside-routing": RuntimeError,
 }
 
 
