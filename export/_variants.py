@@ -139,12 +139,15 @@ def build_variants(
     if "attention23" in wanted and opset < ATTENTION_OPSET and has_softmax:
         model = capture(spec, ATTENTION_OPSET)
         _keep(builds, "attention23", VariantBuild(model, ALL_PROVIDERS, tolerance, "base"))
+    kernels = base
     if {"fused", "int8", "fp16"} & set(wanted):
-        fused = _fused(spec, base, opset)
-        _keep(builds, "fused", VariantBuild(fused, ALL_PROVIDERS, tolerance, "base"))
+        kernels = _fused(spec, base, opset)
+        _keep(builds, "fused", VariantBuild(_long(spec, kernels), ALL_PROVIDERS, tolerance, "base"))
     source = builds.get("fused", builds["base"])
     if "int8" in wanted:
-        int8 = _int8(source.model)
+        # From the graph before the head-group Loop, whose gathered weights are no constant
+        # MatMul operand for the quantizer: int8 is for speed, and the Loop is for memory.
+        int8 = _int8(kernels)
         if int8 is not None:
             build = VariantBuild(int8, (CPU,), _lossy(spec, INT8_TOLERANCE), "fused")
             _keep(builds, "int8", build, against=source)
@@ -183,7 +186,6 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
     from models._kernels import ort_kernels
 
     from ._batch_rows import rows_for_cached_prompts
-    from ._head_groups import LOOP_MIN_SEQ, group_heads
     from ._kernels_onnx import translation_table
     from ._pipeline import capture
 
@@ -196,10 +198,16 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
     graph = ir.from_proto(model)
     optimize_for_ort(graph)
     model = ir.to_proto(graph)
-    # The head-group Loop only serves sequences of LOOP_MIN_SEQ tokens or more; a block declared
-    # shorter would carry it as dead code.
+    return rows_for_cached_prompts(model)
+
+
+def _long(spec: ExportSpec, model: onnx.ModelProto) -> onnx.ModelProto:
+    """model with long causal self-attention over head groups (export/_head_groups.py). The
+    Loop only serves sequences of LOOP_MIN_SEQ tokens or more: a block declared shorter would
+    carry it as dead code."""
+    from ._head_groups import LOOP_MIN_SEQ, group_heads
+
     longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
-    model = rows_for_cached_prompts(model)
     return group_heads(model) if longest >= LOOP_MIN_SEQ else model
 
 
