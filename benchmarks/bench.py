@@ -140,16 +140,24 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
     torch.set_num_threads(threads)
     feed = spec.make_inputs(point)
     arrays = {k: v.numpy() for k, v in feed.items()}
-    with torch.no_grad():
-        reference = spec.module(**feed, **spec.forward_kwargs)
-        reference = reference[0] if isinstance(reference, tuple) else reference
-        eager = median_ms(lambda: spec.module(**feed, **spec.forward_kwargs), budget_s)
+    try:
+        with torch.no_grad():
+            reference = spec.module(**feed, **spec.forward_kwargs)
+            reference = reference[0] if isinstance(reference, tuple) else reference
+            eager = median_ms(lambda: spec.module(**feed, **spec.forward_kwargs), budget_s)
+    except (RuntimeError, MemoryError) as err:  # past the address-space cap: out of memory
+        return {"entry": entry.name, "point": point, "eager_ms": None,
+                "skipped": f"torch eager: {_first_line(err)}", "meets_target": False}
     flops = eager_flops(spec.module, feed, spec.forward_kwargs)
-    variants, errors, passed, once = {}, {}, {}, []
+    variants, errors, passed, once, failed = {}, {}, {}, [], {}
     for name, build in builds.items():
-        sess = session(build.model, threads)[0]  # one session alive at a time: memory
-        start = time.perf_counter()
-        out = sess.run(None, arrays)[0]
+        try:
+            sess = session(build.model, threads)[0]  # one session alive at a time: memory
+            start = time.perf_counter()
+            out = sess.run(None, arrays)[0]
+        except Exception as err:  # noqa: BLE001 (onnxruntime raises its own types)
+            failed[name] = _first_line(err)
+            continue
         first_ms = (time.perf_counter() - start) * 1e3
         tol = build.tolerance["float32"]
         parity = measure("y", out, reference.numpy(), atol=tol.atol, rtol=tol.rtol)
@@ -162,9 +170,10 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
         del sess, out
     # The best is the fastest variant that is exact to the block's own tolerance here too.
     strict = {n: ms for n, ms in variants.items() if n not in LOSSY and passed[n]}
-    best = min(strict, key=strict.get)
-    best_gflops = flops / (strict[best] / 1e3) / 1e9
-    ratio = strict[best] / eager
+    best = min(strict, key=strict.get) if strict else None
+    best_ms = strict[best] if best else float("inf")  # nothing ran exactly: a miss
+    best_gflops = flops / (best_ms / 1e3) / 1e9
+    ratio = best_ms / eager
     return {
         "entry": entry.name,
         "point": point,
@@ -172,10 +181,11 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
         "variants_ms": {n: round(ms, 3) for n, ms in variants.items()},
         "ratios": {n: round(ms / eager, 3) for n, ms in variants.items()},
         "timed_once": once,
+        "failed": failed,
         "max_abs_error": errors,
         "parity_passed": passed,
         "best": best,
-        "best_ratio": round(ratio, 3),
+        "best_ratio": round(ratio, 3) if best else None,
         "gflop": round(flops / 1e9, 3),
         "eager_gflops": round(flops / (eager / 1e3) / 1e9, 1),
         "best_gflops": round(best_gflops, 1),
@@ -184,13 +194,37 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
     }
 
 
+def _best_text(row: dict) -> str:
+    if row["best"] is None:
+        return "no exact variant ran"
+    return f"{row['best']} {row['best_ratio']:.2f}x"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def limit_address_space(fraction: float = 0.8) -> int:
+    """Cap this process's address space at a fraction of RAM, so a grid point too big for the
+    machine fails its allocation (and is reported) instead of waking the OOM killer."""
+    import resource
+
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
+    cap = int(total * fraction)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return cap
+
+
 def _line(row: dict) -> str:
+    if row.get("eager_ms") is None:
+        return f"{row['entry']:<20} {row['point']}  skipped: {row['skipped']}"
     point = ",".join(f"{k}={v}" for k, v in row["point"].items())
     ratios = " ".join(f"{n}={r:.2f}" for n, r in row["ratios"].items())
     mark = "ok" if row["meets_target"] else "MISS"
     return (
         f"{row['entry']:<20} {point:<30} eager {row['eager_ms']:9.2f} ms  {ratios}  "
-        f"best {row['best']} {row['best_ratio']:.2f}x {row['best_pct_gemm']:.0f}%GEMM {mark}"
+        f"best {_best_text(row)} {row['best_pct_gemm']:.0f}%GEMM {mark}"
     )
 
 
@@ -284,7 +318,9 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
         f"best <= {TARGET_RATIO}x eager, or >= {TARGET_GEMM:.0%} of the GEMM rate. "
         f"¹ first call over {SLOW_RATIO:g}x eager and over the timing budget: timed once, not a "
         "median. "
-        "² output outside the block's tolerance at this point: never counted as best.",
+        "² output outside the block's tolerance at this point: never counted as best. "
+        "³ onnxruntime failed at this point (the reason is in the JSON; out of memory under the "
+        "benchmark's address-space cap of 80% of RAM).",
         "",
         "| entry | point | eager ms | "
         + " | ".join(names)
@@ -293,9 +329,16 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         point = ", ".join(f"{k}={v}" for k, v in r["point"].items() if k in ("batch", "seq"))
+        if r.get("eager_ms") is None:
+            lines.append(f"| {r['entry']} | {point} | - | " + " | ".join("-" for _ in names)
+                         + f" | not run: {r['skipped']} | - | **MISS** |")
+            continue
         cells = []
         for n in names:
             ms = r["variants_ms"].get(n)
+            if n in r.get("failed", {}):
+                cells.append("failed³")
+                continue
             if ms is None:
                 cells.append("-")
                 continue
@@ -306,7 +349,7 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
         mark = "yes" if r["meets_target"] else "**MISS**"
         lines.append(
             f"| {r['entry']} | {point} | {r['eager_ms']:.2f} | " + " | ".join(cells)
-            + f" | {r['best']} {r['best_ratio']:.2f}x | {r['best_gflops']:.0f} "
+            + f" | {_best_text(r)} | {r['best_gflops']:.0f} "
             f"({r['best_pct_gemm']:.0f}%) | {mark} |"
         )
     if rows:
@@ -382,6 +425,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
+    limit_address_space()
     gemm_before = gemm_gflops(args.threads)
     memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
                           args.threads) if args.memory else []
