@@ -2,7 +2,8 @@
 
 ``attnx::attention`` becomes
 - com.microsoft.GroupQueryAttention when causal: onnxruntime's CPU and CUDA kernels skip the
-  masked half and never build an s x s mask (a causal window is its local_window_size);
+  masked half and never build an s x s mask (a causal window is its local_window_size; a T5 or
+  Transformer-XL score bias its attention_bias input);
 - com.microsoft.MultiHeadAttention otherwise: without a mask or bias input it takes the flash
   path (MLAS flash attention on CPU), which keeps no s x s score tensor either.
 
@@ -66,7 +67,19 @@ GROUP_QUERY_ATTENTION = Op(
     "GroupQueryAttention",
     _schema(
         "GroupQueryAttention",
-        ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+        [
+            "query",
+            "key",
+            "value",
+            "past_key",
+            "past_value",
+            "seqlens_k",
+            "total_sequence_length",
+            "cos_cache",
+            "sin_cache",
+            "position_ids",
+            "attention_bias",
+        ],
         ["output", "present_key", "present_value"],
         {
             "num_heads": _ATTR.INT,
@@ -112,7 +125,9 @@ def _padded_key_scores(key_padding_mask):
     return op.Unsqueeze(scores, _ints(2, 3))
 
 
-def _causal(q, k, v, key_padding_mask, alibi_slopes, window: int, heads, kv_heads, head_dim):
+def _causal(
+    q, k, v, key_padding_mask, alibi_slopes, score_bias, window: int, heads, kv_heads, head_dim
+):
     scale = 1.0 / math.sqrt(head_dim)
     q_shape, k_shape = op.Shape(q), op.Shape(k)
     size = head_dim
@@ -147,6 +162,10 @@ def _causal(q, k, v, key_padding_mask, alibi_slopes, window: int, heads, kv_head
         None,
         seqlens_k,
         total,
+        None,
+        None,
+        None,
+        score_bias,  # [b|1, h, s, s_kv], added to the scaled scores
         num_heads=heads,
         kv_num_heads=kv_heads,
         scale=scale,
@@ -220,17 +239,23 @@ def _rows_with_a_key(key_padding_mask, causal: bool, window: int):
     return op.Unsqueeze(op.Greater(seen, op.Constant(value_float=0.0)), _ints(2, 3))
 
 
-def attention(q, k, v, key_padding_mask=None, alibi_slopes=None, causal=False, window=0):
+def attention(
+    q, k, v, key_padding_mask=None, alibi_slopes=None, score_bias=None, causal=False, window=0
+):
     """Lowering of attnx::attention: q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d]."""
     heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
     if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
         raise ValueError(
             f"attnx::attention needs static head counts and head size, got q {q.shape}, k {k.shape}"
         )
-    if not causal and (alibi_slopes is not None or window):
-        raise ValueError("attnx::attention lowers ALiBi slopes and a window only when causal")
+    if not causal and (alibi_slopes is not None or score_bias is not None or window):
+        raise ValueError(
+            "attnx::attention lowers ALiBi slopes, a score bias and a window only when causal"
+        )
     if causal:
-        out = _causal(q, k, v, key_padding_mask, alibi_slopes, window, heads, kv_heads, head_dim)
+        out = _causal(
+            q, k, v, key_padding_mask, alibi_slopes, score_bias, window, heads, kv_heads, head_dim
+        )
     else:
         out = _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim)
     if key_padding_mask is None:

@@ -226,8 +226,10 @@ class MultiHeadAttention(nn.Module):
         """Whether models._kernels.attention has this attention's semantics (without a cache):
         any mask it takes is causal, a causal window or key padding, any bias causal ALiBi."""
         pos = self.pos_embeddings
-        if isinstance(pos, ALiBiBias):
-            return self.causal
+        if isinstance(pos, _ScoreBias):
+            # A causal kernel takes any score bias (ALiBi as extra head dims, others as a
+            # bias input); a bidirectional one only without, and no encoding adds to values.
+            return self.causal and not pos.has_value_term
         return (pos is None or isinstance(pos, RotaryEmbedding)) and (
             self.window is None or self.causal
         )
@@ -242,12 +244,18 @@ class MultiHeadAttention(nn.Module):
     def _attend_kernel(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d] -> [b, s, h, h_d]."""
         pos = self.pos_embeddings
+        alibi = isinstance(pos, ALiBiBias)
+        score_bias = None
+        if isinstance(pos, _ScoreBias) and not alibi:
+            keys = repeat_kv(k.transpose(1, 2), self.num_heads // self.num_kv_heads)
+            score_bias = pos.score_bias(q.transpose(1, 2), keys)  # [b|1, h, s, s_kv]
         return kernel_attention(
             q,
             k,
             v,
             key_padding_mask=key_padding_mask,
-            alibi_slopes=pos.slopes.to(q.dtype) if isinstance(pos, ALiBiBias) else None,
+            alibi_slopes=pos.slopes.to(q.dtype) if alibi else None,
+            score_bias=score_bias,
             causal=self.causal,
             window=self.window,
         )

@@ -9,7 +9,13 @@ import torch
 
 from export import run_pipeline, spec_from_module
 from export._kernels_onnx import attention as lowering
-from models import ALiBiBias, MultiHeadAttention, RotaryEmbedding
+from models import (
+    ALiBiBias,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    T5RelativeBias,
+    TransformerXLRelativeBias,
+)
 from models._kernels import attention, ort_kernels
 
 D, H = 32, 4
@@ -46,6 +52,18 @@ CONFIGS = {
         "GroupQueryAttention",
     ),
     "bidirectional-gqa-padding": (dict(num_kv_heads=2), "MultiHeadAttention"),
+    "causal-t5-bias-padding": (
+        dict(causal=True, pos_embeddings=T5RelativeBias(num_heads=H, bidirectional=False)),
+        "GroupQueryAttention",
+    ),
+    "causal-xl-bias-gqa-padding": (
+        dict(
+            num_kv_heads=2,
+            causal=True,
+            pos_embeddings=TransformerXLRelativeBias(num_heads=H, head_dim=D // H),
+        ),
+        "GroupQueryAttention",
+    ),
 }
 
 
@@ -103,5 +121,5 @@ def test_lowering_refuses_dynamic_heads_and_non_causal_alibi():
 
     with pytest.raises(ValueError, match=r"needs static head counts and head size"):
         lowering(Shape(("b", "s", "h", 8)), Shape(("b", "s", 2, 8)), None)
-    with pytest.raises(ValueError, match=r"lowers ALiBi slopes and a window only when causal"):
+    with pytest.raises(ValueError, match=r"lowers ALiBi slopes, a score bias and a window only"):
         lowering(Shape(("b", "s", 4, 8)), Shape(("b", "s", 4, 8)), None, alibi_slopes=object())

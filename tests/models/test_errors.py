@@ -84,7 +84,7 @@ def odd_input_kind():
 A, E, K, L, Z = "_attention", "_encodings", "_kernels", "_layers", "zoo"
 POSITIVE = "{} ({}) must be positive"
 KERNEL_CAUSAL_ONLY = (
-    "the attention kernel takes ALiBi slopes and a window only for causal attention"
+    "the attention kernel takes ALiBi slopes, a score bias and a window only for causal attention"
 )
 CASES = {
     # --- encodings
@@ -153,7 +153,12 @@ CASES = {
     "kernel-alibi-not-causal": (
         f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), alibi_slopes=torch.ones(H)),
-        r"ALiBi slopes and a window only for causal attention",
+        r"ALiBi slopes, a score bias and a window only for causal attention",
+    ),
+    "kernel-bias-not-causal": (
+        f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
+        lambda: kernel_attention(*qkv(), score_bias=torch.zeros(1, H, 3, 3)),
+        r"a score bias and a window only for causal attention",
     ),
     "kernel-cached-outside-routing": (
         f"{K}:cached_attention:cached_attention is a kernel op: call it inside ort_kernels()",
@@ -163,7 +168,7 @@ CASES = {
     "kernel-window-not-causal": (
         f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), window=2),
-        r"ALiBi slopes and a window only for causal attention",
+        r"ALiBi slopes, a score bias and a window only for causal attention",
     ),
     "rope-odd": (
         f"{E}:RotaryEmbedding.__init__:head_dim ({{}}) must be even for rotary embeddings",
