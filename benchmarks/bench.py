@@ -262,8 +262,13 @@ def rss_during(run) -> tuple[int, int]:
     The baseline is taken after inputs, weights and the session exist, so the difference is
     what one call adds. ru_maxrss cannot serve: its high-water mark may come from building the
     model or exporting it, before the call."""
+    import ctypes
     import threading
 
+    # Hand memory that earlier work freed back to the OS first: a call that reuses freed, still
+    # resident heap pages would otherwise not show them (building and exporting the model in
+    # the same process frees hundreds of MiB).
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()
