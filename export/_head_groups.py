@@ -272,14 +272,18 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
             graph.node.remove(n)
 
 
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+
+
 def _used_names(graph: onnx.GraphProto) -> set[str]:
     """Every name read by a node of graph or of its subgraphs (outer-scope reads included)."""
     names = set()
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _used_names(sub)
+        for sub in _subgraphs(node):
+            names |= _used_names(sub)
     return names
 
 
@@ -288,9 +292,8 @@ def _closed(graph: onnx.GraphProto) -> bool:
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
         reads = set(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                reads |= _used_names(sub) - _defined(sub)
+        for sub in _subgraphs(node):
+            reads |= _used_names(sub) - _defined(sub)
         if not reads <= known:
             return False
         known.update(node.output)
@@ -301,7 +304,6 @@ def _defined(graph: onnx.GraphProto) -> set[str]:
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for node in graph.node:
         names.update(node.output)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _defined(sub)
+        for sub in _subgraphs(node):
+            names |= _defined(sub)
     return names

@@ -2,20 +2,21 @@
 
 ``attnx::attention`` becomes
 - com.microsoft.GroupQueryAttention when causal: onnxruntime's CPU and CUDA kernels skip the
-  masked half and never build an s x s mask (a causal window is its local_window_size; a T5 or
-  Transformer-XL score bias its attention_bias input);
+  masked half and never build an s x s mask (a causal window is its local_window_size; an
+  ALiBi, T5 or Transformer-XL score bias its attention_bias input);
 - com.microsoft.MultiHeadAttention otherwise: without a mask or bias input it takes the flash
   path (MLAS flash attention on CPU), which keeps no s x s score tensor either.
 
-Neither kernel would take padding or ALiBi without an s x s mask or bias input, which forces
-the unfused path. attnx passes them as extra head dimensions instead: the score is a dot
-product, so a query column c_q and a key column c_k add c_q * c_k to every score.
-- key padding: c_q = 1, c_k = -1e9 at padded keys, 0 elsewhere;
-- causal ALiBi: -slope_h * (i - j) equals slope_h * j up to a per-row constant, which softmax
-  ignores, so c_q = slope_h / scale and c_k = j - (s_kv - 1) (kept <= 0).
-The value gets zero columns where the kernel wants one head size for q, k and v (GQA, whose
-head size must also be a multiple of 8), and the output drops them. Rows whose keys are all
-padded are set to zeros afterwards, as attnx defines them.
+A key-padding mask would need an s x s mask input, which forces the unfused path. attnx passes
+it as an extra head dimension instead: the score is a dot product, so a query column of ones
+and a key column of -1e9 at padded keys (0 elsewhere) mask exactly those keys. The value gets
+zero columns where the kernel wants one head size for q, k and v (GQA, whose head size must
+also be a multiple of 8), and the output drops them. Rows whose keys are all padded are set to
+zeros afterwards, as attnx defines them.
+
+(Causal ALiBi fits the same trick in principle, -slope_h * (i - j) being slope_h * j up to a
+per-row constant, but that column reaches |slope_h * s| and float32 then rounds every score
+of a long row: at seq 4096 the outputs left the tight tolerance. It takes the bias input.)
 
 Both kernels take packed [b, s, heads * h_d] tensors; the op's [b, s, heads, h_d] layout
 reshapes to that without a copy.
@@ -115,6 +116,18 @@ def _expand_to(x, *parts):
     return op.Expand(x, op.Concat(*dims, axis=0))
 
 
+def _packed(x, heads: int, size: int):
+    """[b, s, heads, size] -> [b, s, heads * size], the kernels' layout (a reshape, no copy)."""
+    return op.Reshape(x, _ints(0, 0, heads * size))
+
+
+def _lengths(total_len, k_shape):
+    """GroupQueryAttention's seqlens_k (index of each row's last key: total - 1, int32, one per
+    batch row) and total_sequence_length (a scalar) from a [1] total key count."""
+    seqlens_k = op.Cast(_expand_to(op.Sub(total_len, _ints(1)), _dims(k_shape, 0, 1)), to=INT32)
+    return seqlens_k, op.Cast(op.Squeeze(total_len, _ints(0)), to=INT32)
+
+
 def _padded_key_scores(key_padding_mask):
     """bool [b, s_kv] -> float [b, s_kv, 1, 1]: -1e9 at padded keys, 0 elsewhere."""
     scores = op.Where(
@@ -125,39 +138,21 @@ def _padded_key_scores(key_padding_mask):
     return op.Unsqueeze(scores, _ints(2, 3))
 
 
-def _causal(
-    q, k, v, key_padding_mask, alibi_slopes, score_bias, window: int, heads, kv_heads, head_dim
-):
+def _causal(q, k, v, key_padding_mask, score_bias, window: int, heads, kv_heads, head_dim):
     scale = 1.0 / math.sqrt(head_dim)
     q_shape, k_shape = op.Shape(q), op.Shape(k)
     size = head_dim
-    if key_padding_mask is not None or alibi_slopes is not None:
+    if key_padding_mask is not None:
         size = head_dim + GQA_EXTRA
-        q_cols = [op.Constant(value_floats=[float(key_padding_mask is not None)] * heads)]
-        if alibi_slopes is not None:
-            q_cols.append(op.Mul(alibi_slopes, op.Constant(value_float=1.0 / scale)))
-        width = len(q_cols)
-        q_cols = op.Unsqueeze(
-            op.Concat(*(op.Unsqueeze(c, _ints(1)) for c in q_cols), axis=1), _ints(0, 1)
-        )  # [1, 1, h, width]
-        q = _extend(q, q_cols, width, _dims(q_shape, 0, 2), heads)
+        q = _extend(q, op.Constant(value_floats=[1.0]), _dims(q_shape, 0, 2), heads)
         b_skv = _dims(k_shape, 0, 2)
-        k_cols = [
-            _expand_to(_padded_key_scores(key_padding_mask), b_skv, 1, 1)
-            if key_padding_mask is not None
-            else _expand_to(op.Constant(value_floats=[0.0]), b_skv, 1, 1)
-        ]
-        if alibi_slopes is not None:
-            k_cols.append(_expand_to(_key_positions(k_shape), b_skv, 1, 1))
-        k = _extend(k, op.Concat(*k_cols, axis=3), width, b_skv, kv_heads)
-        v = _extend(v, None, 0, b_skv, kv_heads)
-    s_kv = _dims(k_shape, 1, 2)
-    seqlens_k = op.Cast(_expand_to(op.Sub(s_kv, _ints(1)), _dims(k_shape, 0, 1)), to=INT32)
-    total = op.Cast(op.Squeeze(s_kv, _ints(0)), to=INT32)
+        k = _extend(k, _padded_key_scores(key_padding_mask), b_skv, kv_heads)
+        v = _extend(v, op.Constant(value_floats=[0.0]), b_skv, kv_heads)
+    seqlens_k, total = _lengths(_dims(k_shape, 1, 2), k_shape)
     out, _, _ = GROUP_QUERY_ATTENTION(
-        op.Reshape(q, _ints(0, 0, heads * size)),
-        op.Reshape(k, _ints(0, 0, kv_heads * size)),
-        op.Reshape(v, _ints(0, 0, kv_heads * size)),
+        _packed(q, heads, size),
+        _packed(k, kv_heads, size),
+        _packed(v, kv_heads, size),
         None,
         None,
         seqlens_k,
@@ -178,21 +173,11 @@ def _causal(
     return out
 
 
-def _extend(x, cols, width: int, lead, heads: int):
-    """x [b, s, heads, h_d] ++ cols broadcast to [b, s, heads, width] ++ zeros up to 8 columns
+def _extend(x, column, lead, heads: int):
+    """x [b, s, heads, h_d] ++ column (broadcast to [b, s, heads, 1]) ++ zeros to 8 columns
     -> [b, s, heads, h_d + 8]."""
-    zeros = _expand_to(op.Constant(value_floats=[0.0]), lead, heads, GQA_EXTRA - width)
-    if not width:
-        return op.Concat(x, zeros, axis=3)
-    return op.Concat(x, _expand_to(cols, lead, heads, width), zeros, axis=3)
-
-
-def _key_positions(k_shape):
-    """[1, s_kv, 1, 1] float: j - (s_kv - 1) for key j, so the largest is 0."""
-    s_kv = op.Squeeze(_dims(k_shape, 1, 2), _ints(0))
-    positions = op.Range(op.Constant(value_int=0), s_kv, op.Constant(value_int=1))
-    last = op.Sub(s_kv, op.Constant(value_int=1))
-    return op.Unsqueeze(op.Cast(op.Sub(positions, last), to=FLOAT), _ints(0, 2, 3))
+    zeros = _expand_to(op.Constant(value_floats=[0.0]), lead, heads, GQA_EXTRA - 1)
+    return op.Concat(x, _expand_to(column, lead, heads, 1), zeros, axis=3)
 
 
 def _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim):
@@ -239,23 +224,17 @@ def _rows_with_a_key(key_padding_mask, causal: bool, window: int):
     return op.Unsqueeze(op.Greater(seen, op.Constant(value_float=0.0)), _ints(2, 3))
 
 
-def attention(
-    q, k, v, key_padding_mask=None, alibi_slopes=None, score_bias=None, causal=False, window=0
-):
+def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, window=0):
     """Lowering of attnx::attention: q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d]."""
     heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
     if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
         raise ValueError(
             f"attnx::attention needs static head counts and head size, got q {q.shape}, k {k.shape}"
         )
-    if not causal and (alibi_slopes is not None or score_bias is not None or window):
-        raise ValueError(
-            "attnx::attention lowers ALiBi slopes, a score bias and a window only when causal"
-        )
+    if not causal and (score_bias is not None or window):
+        raise ValueError("attnx::attention lowers a score bias and a window only when causal")
     if causal:
-        out = _causal(
-            q, k, v, key_padding_mask, alibi_slopes, score_bias, window, heads, kv_heads, head_dim
-        )
+        out = _causal(q, k, v, key_padding_mask, score_bias, window, heads, kv_heads, head_dim)
     else:
         out = _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim)
     if key_padding_mask is None:
@@ -276,16 +255,17 @@ def cached_attention(q, k, v, past_key, past_value):
             f"k {k.shape}"
         )
     k_shape = op.Shape(k)
-    total_len = op.Add(_dims(op.Shape(past_key), 2, 3), _dims(k_shape, 1, 2))  # [p + s]
-    seqlens_k = op.Cast(_expand_to(op.Sub(total_len, _ints(1)), _dims(k_shape, 0, 1)), to=INT32)
+    seqlens_k, total = _lengths(
+        op.Add(_dims(op.Shape(past_key), 2, 3), _dims(k_shape, 1, 2)), k_shape
+    )
     out, present_key, present_value = GROUP_QUERY_ATTENTION(
-        op.Reshape(q, _ints(0, 0, heads * head_dim)),
-        op.Reshape(k, _ints(0, 0, kv_heads * head_dim)),
-        op.Reshape(v, _ints(0, 0, kv_heads * head_dim)),
+        _packed(q, heads, head_dim),
+        _packed(k, kv_heads, head_dim),
+        _packed(v, kv_heads, head_dim),
         past_key,
         past_value,
         seqlens_k,
-        op.Cast(op.Squeeze(total_len, _ints(0)), to=INT32),
+        total,
         num_heads=heads,
         kv_num_heads=kv_heads,
         scale=1.0 / math.sqrt(head_dim),

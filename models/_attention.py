@@ -227,8 +227,8 @@ class MultiHeadAttention(nn.Module):
         any mask it takes is causal, a causal window or key padding, any bias causal ALiBi."""
         pos = self.pos_embeddings
         if isinstance(pos, _ScoreBias):
-            # A causal kernel takes any score bias (ALiBi as extra head dims, others as a
-            # bias input); a bidirectional one only without, and no encoding adds to values.
+            # The causal kernel takes a score bias as an input; the bidirectional one cannot
+            # without its unfused path, and neither adds a term to the values (Shaw).
             return self.causal and not pos.has_value_term
         return (pos is None or isinstance(pos, RotaryEmbedding)) and (
             self.window is None or self.causal
@@ -244,9 +244,8 @@ class MultiHeadAttention(nn.Module):
     def _attend_kernel(self, q, k, v, key_padding_mask) -> torch.Tensor:
         """q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d] -> [b, s, h, h_d]."""
         pos = self.pos_embeddings
-        alibi = isinstance(pos, ALiBiBias)
         score_bias = None
-        if isinstance(pos, _ScoreBias) and not alibi:
+        if isinstance(pos, _ScoreBias):
             keys = repeat_kv(k.transpose(1, 2), self.num_heads // self.num_kv_heads)
             score_bias = pos.score_bias(q.transpose(1, 2), keys)  # [b|1, h, s, s_kv]
         return kernel_attention(
@@ -254,7 +253,6 @@ class MultiHeadAttention(nn.Module):
             k,
             v,
             key_padding_mask=key_padding_mask,
-            alibi_slopes=pos.slopes.to(q.dtype) if alibi else None,
             score_bias=score_bias,
             causal=self.causal,
             window=self.window,

@@ -48,7 +48,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.reshape(b, h_kv * n_rep, s_kv, h_d)  # [b, h, s_kv, h_d]
 
 
-def _score_mask(s, s_kv, key_padding_mask, alibi_slopes, causal, window, device, score_bias=None):
+def _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, device):
     """bool (True = attend) or float (added) mask [b|1, h|1, s, s_kv], or None for none."""
     allowed = None
     if causal or window:
@@ -60,14 +60,9 @@ def _score_mask(s, s_kv, key_padding_mask, alibi_slopes, causal, window, device,
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # [b, 1, 1, s_kv]
         allowed = keep if allowed is None else allowed & keep
-    bias = score_bias
-    if alibi_slopes is not None:
-        dist = relative_distances(s, s_kv, device).abs().to(alibi_slopes.dtype)  # [s, s_kv]
-        alibi = -alibi_slopes[None, :, None, None] * dist[None, None]  # [1, h, s, s_kv]
-        bias = alibi if bias is None else bias + alibi
-    if bias is None:
+    if score_bias is None:
         return allowed
-    return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+    return score_bias if allowed is None else score_bias.masked_fill(~allowed, float("-inf"))
 
 
 def _has_valid_key(mask: torch.Tensor) -> torch.Tensor:
@@ -77,25 +72,17 @@ def _has_valid_key(mask: torch.Tensor) -> torch.Tensor:
     return (mask > float("-inf")).any(dim=-1, keepdim=True)
 
 
-def _reference(q, k, v, key_padding_mask, alibi_slopes, score_bias, causal: bool, window: int):
+def _reference(q, k, v, key_padding_mask, score_bias, causal: bool, window: int):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, h_d]
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    if key_padding_mask is None and alibi_slopes is None and score_bias is None and not window:
+    if key_padding_mask is None and score_bias is None and not window:
         # Without a cache s == s_kv, so top-left and bottom-right causal alignment coincide and
         # torch's is_causal fast path (which skips the masked half) has attnx's semantics.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        mask = _score_mask(
-            q.shape[2],
-            k.shape[2],
-            key_padding_mask,
-            alibi_slopes,
-            causal,
-            window,
-            q.device,
-            score_bias,
-        )
+        s, s_kv = q.shape[2], k.shape[2]
+        mask = _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.masked_fill(~_has_valid_key(mask), 0.0)  # rows with every key masked
     return out.transpose(1, 2)  # [b, s, h, h_d]
@@ -107,16 +94,15 @@ def _attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
     score_bias: torch.Tensor | None,
     causal: bool,
     window: int,
 ) -> torch.Tensor:
-    return _reference(q, k, v, key_padding_mask, alibi_slopes, score_bias, causal, window)
+    return _reference(q, k, v, key_padding_mask, score_bias, causal, window)
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_padding_mask, alibi_slopes, score_bias, causal, window):
+def _(q, k, v, key_padding_mask, score_bias, causal, window):
     return torch.empty_like(q)
 
 
@@ -126,7 +112,6 @@ def attention(
     v: torch.Tensor,
     *,
     key_padding_mask: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
     score_bias: torch.Tensor | None = None,
     causal: bool = False,
     window: int | None = None,
@@ -137,28 +122,21 @@ def attention(
         q (torch.Tensor): [b, s, h, h_d].
         k, v (torch.Tensor): [b, s_kv, h_kv, h_d], h a multiple of h_kv.
         key_padding_mask (torch.Tensor | None): bool [b, s_kv], True at padded keys.
-        alibi_slopes (torch.Tensor | None): [h]; adds -slope_h * |j - i| to the scaled scores.
-            Causal attention only, where it is a per-key bias up to a per-row constant.
-        score_bias (torch.Tensor | None): [b|1, h, s, s_kv] added to the scaled scores (T5,
-            Transformer-XL). Causal attention only: the causal kernel takes it as is.
+        score_bias (torch.Tensor | None): [b|1, h, s, s_kv] added to the scaled scores (ALiBi,
+            T5, Transformer-XL). Causal attention only: the causal kernel takes it as is.
         causal (bool): query i attends to keys j <= i (self-attention, s == s_kv).
         window (int | None): with causal, keys less than ``window`` positions back.
 
     Returns:
         torch.Tensor: [b, s, h, h_d]; rows whose keys are all masked are zeros.
     """
-    if not causal and (alibi_slopes is not None or score_bias is not None or window is not None):
-        raise ValueError(
-            "the attention kernel takes ALiBi slopes, a score bias and a window only for causal "
-            "attention"
-        )
+    if not causal and (score_bias is not None or window is not None):
+        raise ValueError("the attention kernel takes a score bias and a window only when causal")
     window = window or 0
     if _ROUTE_TO_KERNELS:
         _ROUTED_CALLS[0] += 1
-        return torch.ops.attnx.attention(
-            q, k, v, key_padding_mask, alibi_slopes, score_bias, causal, window
-        )
-    return _reference(q, k, v, key_padding_mask, alibi_slopes, score_bias, causal, window)
+        return torch.ops.attnx.attention(q, k, v, key_padding_mask, score_bias, causal, window)
+    return _reference(q, k, v, key_padding_mask, score_bias, causal, window)
 
 
 def routing() -> bool:

@@ -43,18 +43,31 @@ def test_cached_entries_and_only_they_describe_their_cache(name):
         assert len(words) == len(shape) and words[cache["past_axis"]] == "past"
     assert cache["max_length"] == entry.dims["past"][1]
     assert (cache["token_input"], cache["logits_output"]) == (
-        ("input_ids", "logits") if name == "decoder_lm" else (None, None))
+        ("input_ids", "logits") if name == "decoder_lm" else (None, None)
+    )
 
 
 def test_manifest_documents_the_cache(lm_bundle):
     cache = _manifest(lm_bundle).extra["cache"]
     assert cache == {
-        "version": 1, "graphs": "single", "layout": "[L, batch, kv_heads, past, head_dim]",
-        "tensors": [{"past": "past_keys", "present": "present_keys", "holds": "keys"},
-                    {"past": "past_values", "present": "present_values", "holds": "values"}],
-        "past_dim": "past", "seq_dim": "seq", "batch_dim": "batch", "past_axis": 3,
-        "batch_axis": 1, "keys": "post-rope", "position_offset": "past", "max_length": 256,
-        "token_input": "input_ids", "logits_output": "logits"}
+        "version": 1,
+        "graphs": "single",
+        "layout": "[L, batch, kv_heads, past, head_dim]",
+        "tensors": [
+            {"past": "past_keys", "present": "present_keys", "holds": "keys"},
+            {"past": "past_values", "present": "present_values", "holds": "values"},
+        ],
+        "past_dim": "past",
+        "seq_dim": "seq",
+        "batch_dim": "batch",
+        "past_axis": 3,
+        "batch_axis": 1,
+        "keys": "post-rope",
+        "position_offset": "past",
+        "max_length": 256,
+        "token_input": "input_ids",
+        "logits_output": "logits",
+    }
 
 
 def test_manifest_holds_every_decode_step(lm_bundle):
@@ -93,8 +106,7 @@ def test_decode_parity_of_a_cached_block_uses_fresh_inputs(kv_export):
     records = measure_decode(spec, {"base": kv_export.model}, steps=2)
     assert [r.point["past"] for r in records if r.point["run"] == 0] == [0, 1, 2]
     assert all(r.passed for r in records)
-    assert {o.name for r in records for o in r.outputs} == {"y", "present_key",
-                                                             "present_value"}
+    assert {o.name for r in records for o in r.outputs} == {"y", "present_key", "present_value"}
 
 
 def test_decode_parity_fails_when_torch_and_the_graph_differ(lm_bundle):
@@ -124,8 +136,11 @@ def test_decode_stage_keeps_the_records_of_each_variant(kv_export):
 def test_decode_parity_refuses_a_cache_naming_unknown_tensors(lm_bundle):
     spec = spec_from_zoo(zoo.get("decoder_lm"))
     cache = {**spec.extra["cache"], "tensors": [{"past": "past_k", "present": "present_keys"}]}
-    with pytest.raises(ExportError, match=r"stage 4/5 .*the cache description names "
-                       r"\['past_k'\]"):
+    with pytest.raises(
+        ExportError,
+        match=r"stage 4/5 .*the cache description names "
+        r"\['past_k'\]",
+    ):
         measure_decode(spec, {}, cache=cache)
 
 
@@ -133,5 +148,7 @@ def test_decode_runs_stay_inside_the_dims():
     spec = spec_from_zoo(zoo.get("decoder_lm"))
     spec.dims = {"batch": (1, 1), "seq": (1, 4), "past": (0, 6)}
     cache = {**spec.extra["cache"], "max_length": 6}
-    assert decode_runs(spec, cache, 8) == [{"batch": 1, "seq": 1, "past": 0},
-                                           {"batch": 1, "seq": 4, "past": 0}]
+    assert decode_runs(spec, cache, 8) == [
+        {"batch": 1, "seq": 1, "past": 0},
+        {"batch": 1, "seq": 4, "past": 0},
+    ]

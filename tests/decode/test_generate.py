@@ -60,7 +60,7 @@ def torch_steps(module, prompt: list[int], new_tokens: int):
 
 @pytest.mark.parametrize("prompt", list(PROMPTS.values()), ids=list(PROMPTS))
 def test_generate_equals_torch_token_for_token(lm_bundle, lm_module, prompt):
-    expected = lm_module.generate(torch.tensor([prompt]), NEW_TOKENS)[0, len(prompt):].tolist()
+    expected = lm_module.generate(torch.tensor([prompt]), NEW_TOKENS)[0, len(prompt) :].tolist()
     ref_tokens, ref_logits = torch_steps(lm_module, prompt, NEW_TOKENS)
     assert ref_tokens == expected  # the step-by-step reference is torch's generate
     with Generator(lm_bundle, provider="cpu") as gen:
@@ -128,8 +128,11 @@ def test_a_prompt_longer_than_one_step_is_prefilled_in_chunks(lm_bundle, lm_modu
     expected = lm_module.generate(torch.tensor([prompt]), 8)[0, 20:].tolist()
     with Generator(_short_seq_bundle(lm_bundle, tmp_path, 8), provider="cpu") as gen:
         assert gen.generate(prompt, 8) == expected
-        with pytest.raises(InputError, match=r"cannot feed 9 tokens in one step: the bundle's "
-                           r"'seq' dim allows 1\.\.8"):
+        with pytest.raises(
+            InputError,
+            match=r"cannot feed 9 tokens in one step: the bundle's "
+            r"'seq' dim allows 1\.\.8",
+        ):
             gen.step(list(range(9)))
 
 
@@ -140,37 +143,63 @@ def test_cache_reaching_the_declared_maximum(lm_bundle, lm_module):
         assert gen.max_length == 256
         tokens = gen.generate(prompt, fits)
         assert gen.length == 256  # the cache is exactly full
-        with pytest.raises(InputError, match=r"KV cache full: 256 cached \+ 1 new positions "
-                           r"exceed the bundle's maximum length 256 \(the declared max of dim "
-                           r"'past'\)"):
+        with pytest.raises(
+            InputError,
+            match=r"KV cache full: 256 cached \+ 1 new positions "
+            r"exceed the bundle's maximum length 256 \(the declared max of dim "
+            r"'past'\)",
+        ):
             gen.step([tokens[-1]])
-        with pytest.raises(InputError, match=r"a prompt of 200 tokens and 58 new tokens need a "
-                           r"KV cache of 257 positions, above the bundle's maximum length 256 "
-                           r".*at most 57 new tokens fit"):
+        with pytest.raises(
+            InputError,
+            match=r"a prompt of 200 tokens and 58 new tokens need a "
+            r"KV cache of 257 positions, above the bundle's maximum length 256 "
+            r".*at most 57 new tokens fit",
+        ):
             gen.generate(prompt, fits + 1)
         assert gen.length == 256  # a refused request runs nothing
-    expected = lm_module.generate(torch.tensor([prompt]), fits)[0, len(prompt):].tolist()
+    expected = lm_module.generate(torch.tensor([prompt]), fits)[0, len(prompt) :].tolist()
     assert tokens == expected
     # Below the generator, the runner's validator refuses a past beyond the max by name.
     past = np.zeros((2, 1, 2, 257, 8), np.float32)
-    with Runner(lm_bundle, provider="cpu") as runner, pytest.raises(
-            InputError, match=r"'past_keys': axis 3 \('past'\) expected 0\.\.256, got 257"):
-        runner.run({"input_ids": np.zeros((1, 1), np.int64), "past_keys": past,
-                    "past_values": past.copy()})
+    with (
+        Runner(lm_bundle, provider="cpu") as runner,
+        pytest.raises(
+            InputError, match=r"'past_keys': axis 3 \('past'\) expected 0\.\.256, got 257"
+        ),
+    ):
+        runner.run(
+            {"input_ids": np.zeros((1, 1), np.int64), "past_keys": past, "past_values": past.copy()}
+        )
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda g: g.generate([], 4), r"the prompt is empty: give at least one token id"),
-    (lambda g: g.generate([1], -1), r"max_new_tokens must be an integer >= 0, got -1"),
-    (lambda g: g.generate([1], True), r"max_new_tokens must be an integer >= 0, got True"),
-    (lambda g: g.generate([1, 97], 2), r"token id 97 is outside the vocabulary 0\.\.96"),
-    (lambda g: g.step([-1]), r"token id -1 is outside the vocabulary 0\.\.96"),
-    (lambda g: g.step([[1, 2]]), r"token ids must be a flat sequence of integers, got int64 "
-                                 r"with shape \[1, 2\]"),
-    (lambda g: g.step([0.5]), r"token ids must be a flat sequence of integers, got float64"),
-    (lambda g: g.step([]), r"no token ids to feed: give at least one"),
-], ids=["empty-prompt", "negative-new", "bool-new", "vocab-high", "vocab-low", "2d", "float",
-        "empty-step"])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda g: g.generate([], 4), r"the prompt is empty: give at least one token id"),
+        (lambda g: g.generate([1], -1), r"max_new_tokens must be an integer >= 0, got -1"),
+        (lambda g: g.generate([1], True), r"max_new_tokens must be an integer >= 0, got True"),
+        (lambda g: g.generate([1, 97], 2), r"token id 97 is outside the vocabulary 0\.\.96"),
+        (lambda g: g.step([-1]), r"token id -1 is outside the vocabulary 0\.\.96"),
+        (
+            lambda g: g.step([[1, 2]]),
+            r"token ids must be a flat sequence of integers, got int64 "
+            r"with shape \[1, 2\]",
+        ),
+        (lambda g: g.step([0.5]), r"token ids must be a flat sequence of integers, got float64"),
+        (lambda g: g.step([]), r"no token ids to feed: give at least one"),
+    ],
+    ids=[
+        "empty-prompt",
+        "negative-new",
+        "bool-new",
+        "vocab-high",
+        "vocab-low",
+        "2d",
+        "float",
+        "empty-step",
+    ],
+)
 def test_bad_requests_are_input_errors(lm_bundle, call, message):
     with Generator(lm_bundle, provider="cpu") as gen:
         with pytest.raises(InputError, match=message):
@@ -193,8 +222,11 @@ def test_a_runner_is_reused_and_left_open(lm_bundle):
 
 
 def test_a_cached_block_is_not_a_language_model(kv_export):
-    with pytest.raises(InputError, match=r"bundle 'kv_cache' caches a block, not a language "
-                       r"model"):
+    with pytest.raises(
+        InputError,
+        match=r"bundle 'kv_cache' caches a block, not a language "
+        r"model",
+    ):
         Generator(kv_export.bundle, provider="cpu")
 
 
@@ -214,8 +246,11 @@ class _FailingSession:
 def test_an_onnxruntime_failure_names_the_bundle(lm_bundle):
     with Generator(lm_bundle, provider="cpu") as gen:
         gen.runner._session = _FailingSession(gen.runner._session)
-        with pytest.raises(ArtifactError, match=r"model[.\w]*\.onnx: onnxruntime failed on a "
-                           r"decode step: .*Concat"):
+        with pytest.raises(
+            ArtifactError,
+            match=r"model[.\w]*\.onnx: onnxruntime failed on a "
+            r"decode step: .*Concat",
+        ):
             gen.step([1])
 
 
@@ -233,18 +268,30 @@ def test_a_present_that_does_not_grow_is_refused(tmp_path):
             return self.embed(input_ids), past_keys * 1.0, past_values * 1.0
 
     past = torch.zeros(1, 2, 1, 3, 4)
-    dims = {"input_ids": {0: "batch", 1: ("seq", 1, 8)},
-            "past_keys": {1: "batch", 3: ("past", 0, 8)}, "past_values": {1: "batch", 3: "past"}}
+    dims = {
+        "input_ids": {0: "batch", 1: ("seq", 1, 8)},
+        "past_keys": {1: "batch", 3: ("past", 0, 8)},
+        "past_values": {1: "batch", 3: "past"},
+    }
     ids = torch.tensor([[1, 2], [3, 4]])
-    spec = spec_from_module(Stuck(), {"input_ids": ids, "past_keys": past,
-                                      "past_values": past.clone()},
-                            dynamic=dims, dims={"batch": (1, 2)}, name="stuck",
-                            output_names=("logits", "present_keys", "present_values"))
+    spec = spec_from_module(
+        Stuck(),
+        {"input_ids": ids, "past_keys": past, "past_values": past.clone()},
+        dynamic=dims,
+        dims={"batch": (1, 2)},
+        name="stuck",
+        output_names=("logits", "present_keys", "present_values"),
+    )
     spec.extra = {"cache": lm_cache(8)}
     bundle = run_pipeline(spec, out=tmp_path, grid=[{"batch": 2, "seq": 2, "past": 3}]).bundle
-    with Generator(bundle, provider="cpu") as gen, pytest.raises(
-            ArtifactError, match=r"present 'present_keys' holds 0 positions on axis 3, expected "
-                                 r"0 past \+ 2 new = 2"):
+    with (
+        Generator(bundle, provider="cpu") as gen,
+        pytest.raises(
+            ArtifactError,
+            match=r"present 'present_keys' holds 0 positions on axis 3, expected "
+            r"0 past \+ 2 new = 2",
+        ),
+    ):
         gen.step([1, 2])
 
 
@@ -256,26 +303,53 @@ def _with_cache(manifest: Manifest, **changes) -> Manifest:
     return dataclasses.replace(manifest, extra={**manifest.extra, "cache": cache})
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"version": 2}, r"extra\.cache\.version: expected 1, got 2"),
-    ({"graphs": "two"}, r"extra\.cache\.graphs: .*got 'two'"),
-    ({"position_offset": 0}, r"extra\.cache\.position_offset: .*got 0"),
-    ({"past_dim": "time"}, r"extra\.cache\.past_dim: 'time' is not a dim of the bundle"),
-    ({"seq_dim": ["seq"]}, r"extra\.cache\.seq_dim: \['seq'\] is not a dim"),
-    ({"tensors": []}, r"extra\.cache\.tensors: expected a non-empty list"),
-    ({"tensors": [{"past": "kv", "present": "present_keys"}]},
-     r"extra\.cache\.tensors\[0\]\.past: 'kv' is not an input of the bundle"),
-    ({"tensors": [{"past": "past_keys", "present": ["x"]}]},
-     r"extra\.cache\.tensors\[0\]\.present: \['x'\] is not an output of the bundle"),
-    ({"past_axis": 2}, r"extra\.cache\.past_axis: axis 2 of input 'past_keys' \(shape "
-                       r"\[2, 'batch', 2, 'past', 8\]\) is not the 'past' dim"),
-    ({"batch_axis": 9}, r"extra\.cache\.batch_axis: axis 9 .* is not the 'batch' dim"),
-    ({"max_length": 257}, r"extra\.cache\.max_length: expected an integer in 1\.\.256 .*got "
-                          r"257"),
-    ({"token_input": "ids"}, r"extra\.cache\.token_input: 'ids' is not an input"),
-    ({"logits_output": "scores"}, r"extra\.cache\.logits_output: 'scores' is not an output"),
-], ids=["version", "graphs", "offset", "past-dim", "unhashable-dim", "no-tensors", "past-name",
-        "present-name", "past-axis", "batch-axis", "max-length", "token", "logits"])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"version": 2}, r"extra\.cache\.version: expected 1, got 2"),
+        ({"graphs": "two"}, r"extra\.cache\.graphs: .*got 'two'"),
+        ({"position_offset": 0}, r"extra\.cache\.position_offset: .*got 0"),
+        ({"past_dim": "time"}, r"extra\.cache\.past_dim: 'time' is not a dim of the bundle"),
+        ({"seq_dim": ["seq"]}, r"extra\.cache\.seq_dim: \['seq'\] is not a dim"),
+        ({"tensors": []}, r"extra\.cache\.tensors: expected a non-empty list"),
+        (
+            {"tensors": [{"past": "kv", "present": "present_keys"}]},
+            r"extra\.cache\.tensors\[0\]\.past: 'kv' is not an input of the bundle",
+        ),
+        (
+            {"tensors": [{"past": "past_keys", "present": ["x"]}]},
+            r"extra\.cache\.tensors\[0\]\.present: \['x'\] is not an output of the bundle",
+        ),
+        (
+            {"past_axis": 2},
+            r"extra\.cache\.past_axis: axis 2 of input 'past_keys' \(shape "
+            r"\[2, 'batch', 2, 'past', 8\]\) is not the 'past' dim",
+        ),
+        ({"batch_axis": 9}, r"extra\.cache\.batch_axis: axis 9 .* is not the 'batch' dim"),
+        (
+            {"max_length": 257},
+            r"extra\.cache\.max_length: expected an integer in 1\.\.256 .*got "
+            r"257",
+        ),
+        ({"token_input": "ids"}, r"extra\.cache\.token_input: 'ids' is not an input"),
+        ({"logits_output": "scores"}, r"extra\.cache\.logits_output: 'scores' is not an output"),
+    ],
+    ids=[
+        "version",
+        "graphs",
+        "offset",
+        "past-dim",
+        "unhashable-dim",
+        "no-tensors",
+        "past-name",
+        "present-name",
+        "past-axis",
+        "batch-axis",
+        "max-length",
+        "token",
+        "logits",
+    ],
+)
 def test_a_malformed_cache_description_names_its_key(lm_bundle, changes, message):
     manifest = Manifest.loads((lm_bundle / "manifest.json").read_text())
     assert CacheLayout.from_manifest(manifest).is_lm
@@ -297,11 +371,16 @@ def test_cache_description_missing_or_incomplete(lm_bundle):
 
 def test_a_cache_that_varies_in_another_dim_is_refused(lm_bundle):
     manifest = Manifest.loads((lm_bundle / "manifest.json").read_text())
-    inputs = tuple(dataclasses.replace(t, shape=(2, "batch", 2, "past", "seq"))
-                   if t.name == "past_keys" else t for t in manifest.inputs)
-    with pytest.raises(ArtifactError, match=r"extra\.cache\.tensors\[0\]\.past: input "
-                       r"'past_keys' .* has the dynamic dim 'seq' at axis 4; a cache may vary "
-                       r"only in batch and past"):
+    inputs = tuple(
+        dataclasses.replace(t, shape=(2, "batch", 2, "past", "seq")) if t.name == "past_keys" else t
+        for t in manifest.inputs
+    )
+    with pytest.raises(
+        ArtifactError,
+        match=r"extra\.cache\.tensors\[0\]\.past: input "
+        r"'past_keys' .* has the dynamic dim 'seq' at axis 4; a cache may vary "
+        r"only in batch and past",
+    ):
         CacheLayout.from_manifest(dataclasses.replace(manifest, inputs=inputs))
 
 
@@ -310,8 +389,16 @@ def test_a_cache_that_varies_in_another_dim_is_refused(lm_bundle):
 
 def test_generate_cli(lm_bundle, lm_module, capsys):
     expected = lm_module.generate(torch.tensor([[1, 2, 3]]), 16)[0, 3:].tolist()
-    args = ["generate", str(lm_bundle), "--prompt-ids", "1,2,3", "--max-new-tokens", "16",
-            "--provider", "cpu"]
+    args = [
+        "generate",
+        str(lm_bundle),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "16",
+        "--provider",
+        "cpu",
+    ]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == ",".join(map(str, expected))
@@ -321,13 +408,21 @@ def test_generate_cli(lm_bundle, lm_module, capsys):
     assert result["tokens"] == expected and result["cache_length"] == 18
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--prompt-ids", "1,x", "--max-new-tokens", "2"],
-     r"argument --prompt-ids: expected comma-separated integers, got '1,x'"),
-    (["--prompt-ids", "", "--max-new-tokens", "2"], r"attnx: error: the prompt is empty"),
-    (["--prompt-ids", "1", "--max-new-tokens", "300"],
-     r"attnx: error: .*above the bundle's maximum length 256"),
-], ids=["not-ints", "empty", "too-long"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--prompt-ids", "1,x", "--max-new-tokens", "2"],
+            r"argument --prompt-ids: expected comma-separated integers, got '1,x'",
+        ),
+        (["--prompt-ids", "", "--max-new-tokens", "2"], r"attnx: error: the prompt is empty"),
+        (
+            ["--prompt-ids", "1", "--max-new-tokens", "300"],
+            r"attnx: error: .*above the bundle's maximum length 256",
+        ),
+    ],
+    ids=["not-ints", "empty", "too-long"],
+)
 def test_generate_cli_errors_exit_2(lm_bundle, capsys, args, message):
     assert main(["generate", str(lm_bundle), *args, "--provider", "cpu"]) == 2
     assert re.search(message, capsys.readouterr().err)
@@ -340,20 +435,40 @@ def test_generate_cli_runs_without_torch(lm_bundle, tmp_path):
         (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is blocked here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
     code = "from export._cli import main; raise SystemExit(main())"
-    proc = subprocess.run([sys.executable, "-c", code, "generate", str(lm_bundle),
-                           "--prompt-ids", "5", "--max-new-tokens", "8", "--provider", "cpu"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "generate",
+            str(lm_bundle),
+            "--prompt-ids",
+            "5",
+            "--max-new-tokens",
+            "8",
+            "--provider",
+            "cpu",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == ",".join(
-        map(str, generate(lm_bundle, [5], 8, provider="cpu")))
+        map(str, generate(lm_bundle, [5], 8, provider="cpu"))
+    )
 
 
 # --- CUDA: presents stay on the device between steps ----------------------------------------
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif("CUDAExecutionProvider" not in available_providers(),
-                    reason="onnxruntime has no CUDAExecutionProvider here")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in available_providers(),
+    reason="onnxruntime has no CUDAExecutionProvider here",
+)
 def test_generate_on_cuda_keeps_the_cache_on_the_device(lm_bundle, lm_module):
     prompt = PROMPTS["len6"]
     ref_tokens, ref_logits = torch_steps(lm_module, prompt, NEW_TOKENS)

@@ -59,8 +59,10 @@ def build_model(w: np.ndarray) -> onnx.ModelProto:
         helper.make_node("Add", ["h", "mu"], ["s"], name="add"),
         helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=-1),
     ]
-    inits = [numpy_helper.from_array(w, "W"),
-             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+    ]
     graph = helper.make_graph(nodes, "tiny", [x, m], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 9
@@ -77,8 +79,10 @@ def reference(x: np.ndarray, m: np.ndarray, w: np.ndarray) -> np.ndarray:
 def make_inputs(point: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, s = point["batch"], point["seq"]
-    return {"x": rng.standard_normal((b, s, D)).astype(np.float32),
-            "m": rng.standard_normal((b, D)).astype(np.float32)}
+    return {
+        "x": rng.standard_normal((b, s, D)).astype(np.float32),
+        "m": rng.standard_normal((b, D)).astype(np.float32),
+    }
 
 
 def sha256(path: Path) -> str:
@@ -87,8 +91,9 @@ def sha256(path: Path) -> str:
 
 def file_entries(folder: Path) -> tuple[FileEntry, ...]:
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
-    return tuple(FileEntry(p.relative_to(folder).as_posix(), sha256(p), p.stat().st_size)
-                 for p in paths)
+    return tuple(
+        FileEntry(p.relative_to(folder).as_posix(), sha256(p), p.stat().st_size) for p in paths
+    )
 
 
 def make_bundle(folder: Path, *, external: bool = False) -> Path:
@@ -96,10 +101,14 @@ def make_bundle(folder: Path, *, external: bool = False) -> Path:
     w = weight()
     model = build_model(w)
     if external:
-        onnx.save_model(model, folder / "model.onnx", save_as_external_data=True,
-                        all_tensors_to_one_file=True,
-                        location="model.onnx.data",
-                        size_threshold=64)  # W (256 B) external, axes inline
+        onnx.save_model(
+            model,
+            folder / "model.onnx",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=64,
+        )  # W (256 B) external, axes inline
     else:
         onnx.save_model(model, folder / "model.onnx")
     onnx.save_model(build_model(w), folder / "model.alt.onnx")
@@ -114,16 +123,23 @@ def make_bundle(folder: Path, *, external: bool = False) -> Path:
     np.savez(folder / "golden.npz", **arrays)
 
     tolerance = {"float32": Tolerance(1e-5, 1e-4)}
-    variants = (Variant("base", "model.onnx", (CPU, CUDA), tolerance, {}),
-                Variant("alt", "model.alt.onnx", (CPU,), tolerance, {}))
+    variants = (
+        Variant("base", "model.onnx", (CPU, CUDA), tolerance, {}),
+        Variant("alt", "model.alt.onnx", (CPU,), tolerance, {}),
+    )
     manifest = Manifest(
         name="tiny",
-        source={"target": "tests.runtime.conftest:build_model", "class": "onnx.helper",
-                "config": {"d": D}},
+        source={
+            "target": "tests.runtime.conftest:build_model",
+            "class": "onnx.helper",
+            "config": {"d": D},
+        },
         producer={"attnx": "0.1.0", "onnx": onnx.__version__, "onnxruntime": ort.__version__},
         opset=OPSET,
-        inputs=(TensorSpec("x", "float32", ("batch", "seq", D)),
-                TensorSpec("m", "float32", ("batch", D))),
+        inputs=(
+            TensorSpec("x", "float32", ("batch", "seq", D)),
+            TensorSpec("m", "float32", ("batch", D)),
+        ),
         outputs=(TensorSpec("y", "float32", ("batch", "seq", D)),),
         dims=DIMS,
         files=file_entries(folder),
@@ -141,8 +157,9 @@ def _parity(folder, variant, arrays, cases):
     case = cases[0]
     feed = {k: arrays[key] for k, key in case.inputs.items()}
     (y,) = session.run(["y"], feed)
-    records = compare({"y": y}, {"y": arrays[case.outputs["y"]]},
-                      ToleranceTable.from_variant(variant))
+    records = compare(
+        {"y": y}, {"y": arrays[case.outputs["y"]]}, ToleranceTable.from_variant(variant)
+    )
     return parity_record(variant.name, CPU, case.point, records)
 
 
@@ -172,8 +189,10 @@ def resign(folder: Path) -> None:
 @pytest.fixture(scope="session")
 def _templates(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("templates")
-    return {"inline": make_bundle(root / "inline"),
-            "external": make_bundle(root / "external", external=True)}
+    return {
+        "inline": make_bundle(root / "inline"),
+        "external": make_bundle(root / "external", external=True),
+    }
 
 
 @pytest.fixture
@@ -217,7 +236,17 @@ def kit() -> SimpleNamespace:
     """The builder and tampering helpers, for test modules (pytest's importlib mode does not
     let them import this conftest)."""
     return SimpleNamespace(
-        D=D, CPU=CPU, CUDA=CUDA, make_bundle=make_bundle, make_inputs=make_inputs,
-        reference=reference, weight=weight, read_manifest=read_manifest,
-        write_manifest=write_manifest, resign=resign, rewrite_model=rewrite_model,
-        has_cuda=has_cuda, sha256=sha256)
+        D=D,
+        CPU=CPU,
+        CUDA=CUDA,
+        make_bundle=make_bundle,
+        make_inputs=make_inputs,
+        reference=reference,
+        weight=weight,
+        read_manifest=read_manifest,
+        write_manifest=write_manifest,
+        resign=resign,
+        rewrite_model=rewrite_model,
+        has_cuda=has_cuda,
+        sha256=sha256,
+    )

@@ -41,7 +41,7 @@ def flip_bits(data: bytearray, rng: random.Random) -> None:
 
 
 def truncate(data: bytearray, rng: random.Random) -> None:
-    del data[rng.randrange(len(data)):]
+    del data[rng.randrange(len(data)) :]
 
 
 def insert(data: bytearray, rng: random.Random) -> None:
@@ -52,12 +52,12 @@ def insert(data: bytearray, rng: random.Random) -> None:
 def overwrite(data: bytearray, rng: random.Random) -> None:
     i = rng.randrange(len(data))
     n = rng.randint(1, 16)
-    data[i:i + n] = rng.randbytes(min(n, len(data) - i))
+    data[i : i + n] = rng.randbytes(min(n, len(data) - i))
 
 
 def duplicate(data: bytearray, rng: random.Random) -> None:
     i = rng.randrange(len(data))
-    chunk = data[i:i + rng.randint(1, 64)]
+    chunk = data[i : i + rng.randint(1, 64)]
     j = rng.randrange(len(data) + 1)
     data[j:j] = chunk
 
@@ -66,8 +66,7 @@ def set_byte(data: bytearray, rng: random.Random) -> None:
     data[rng.randrange(len(data))] = rng.choice([0x00, 0x7F, 0x80, 0xFF])
 
 
-MUTATIONS = {f.__name__: f for f in (flip_bits, truncate, insert, overwrite, duplicate,
-                                     set_byte)}
+MUTATIONS = {f.__name__: f for f in (flip_bits, truncate, insert, overwrite, duplicate, set_byte)}
 
 
 def resign(folder: Path) -> None:
@@ -114,8 +113,12 @@ def one_case(template: Path, folder: Path, index: int, rng: random.Random) -> di
 
 
 def main() -> None:
-    template, work, cases, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
-        int(sys.argv[4])
+    template, work, cases, seed = (
+        Path(sys.argv[1]),
+        Path(sys.argv[2]),
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+    )
     rng = random.Random(seed)
     for i in range(cases):
         print(json.dumps(one_case(template, work / "case", i, rng)), flush=True)

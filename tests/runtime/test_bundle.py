@@ -52,8 +52,10 @@ def test_good_bundles_load(tiny_bundle, tiny_bundle_ext):
     assert b.golden[0].inputs["x"].shape == (2, 5, D)
     ext = load_bundle(tiny_bundle_ext)
     assert ext.data_files["base"] == ("model.onnx.data",)
-    assert ext.external_data("base")["model.onnx.data"] == (
-        tiny_bundle_ext / "model.onnx.data").read_bytes()
+    assert (
+        ext.external_data("base")["model.onnx.data"]
+        == (tiny_bundle_ext / "model.onnx.data").read_bytes()
+    )
 
 
 def test_flipped_bit_is_refused_before_any_session(tiny_bundle, session_spy):
@@ -61,8 +63,11 @@ def test_flipped_bit_is_refused_before_any_session(tiny_bundle, session_spy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"model.onnx: sha256 is [0-9a-f]{64}, "
-                                            r"manifest.json says [0-9a-f]{64}"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.onnx: sha256 is [0-9a-f]{64}, "
+        r"manifest.json says [0-9a-f]{64}",
+    ):
         Runner(tiny_bundle, provider="cpu")
     assert session_spy == []
 
@@ -81,8 +86,11 @@ def test_truncated_model_fails_on_size(tiny_bundle):
     path = tiny_bundle / "model.onnx"
     size = path.stat().st_size
     path.write_bytes(path.read_bytes()[: size // 2])
-    with pytest.raises(ArtifactError, match=rf"model.onnx: size is {size // 2} bytes, "
-                                            rf"manifest.json says {size}"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"model.onnx: size is {size // 2} bytes, "
+        rf"manifest.json says {size}",
+    ):
         load_bundle(tiny_bundle)
 
 
@@ -102,17 +110,27 @@ def test_truncated_at_opset_boundary_even_when_resigned(kit, tiny_bundle, sessio
     cut = len(model.SerializeToString())
     path.write_bytes(path.read_bytes()[:cut])
     kit.resign(tiny_bundle)
-    with pytest.raises(ArtifactError, match=r"model.onnx: not an ONNX model \(no graph nodes "
-                                            r"or no opset\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.onnx: not an ONNX model \(no graph nodes "
+        r"or no opset\)",
+    ):
         Runner(tiny_bundle, provider="cpu")
     assert session_spy == []
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", r"model.onnx: empty file, not an ONNX model"),
-    (np.random.default_rng(RNG_SEED).bytes(4096), r"model.onnx: not an ONNX model \(DecodeError"),
-    (b"<html><body>404</body></html>\n", r"model.onnx: not an ONNX model"),
-], ids=["empty", "random_bytes", "html"])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", r"model.onnx: empty file, not an ONNX model"),
+        (
+            np.random.default_rng(RNG_SEED).bytes(4096),
+            r"model.onnx: not an ONNX model \(DecodeError",
+        ),
+        (b"<html><body>404</body></html>\n", r"model.onnx: not an ONNX model"),
+    ],
+    ids=["empty", "random_bytes", "html"],
+)
 def test_garbage_model_with_matching_hash(kit, tiny_bundle, session_spy, content, match):
     (tiny_bundle / "model.onnx").write_bytes(content)
     kit.resign(tiny_bundle)  # a manifest generated over garbage
@@ -122,21 +140,27 @@ def test_garbage_model_with_matching_hash(kit, tiny_bundle, session_spy, content
 
 
 def test_model_onnxruntime_rejects_is_wrapped(kit, tiny_bundle):
-    kit.rewrite_model(tiny_bundle / "model.onnx", lambda m: m.opset_import[0].__setattr__(
-        "version", 99))
+    kit.rewrite_model(
+        tiny_bundle / "model.onnx", lambda m: m.opset_import[0].__setattr__("version", 99)
+    )
     kit.resign(tiny_bundle)
     with pytest.raises(ArtifactError, match=r"model.onnx: onnxruntime cannot load it: .*opset"):
         Runner(tiny_bundle, provider="cpu", variant="base")
 
 
-@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "sub/../../x.data",
-                                      "./model.onnx.data", ""],
-                         ids=["dotdot", "absolute", "nested_dotdot", "dot", "empty"])
+@pytest.mark.parametrize(
+    "location",
+    ["../outside.data", "/etc/passwd", "sub/../../x.data", "./model.onnx.data", ""],
+    ids=["dotdot", "absolute", "nested_dotdot", "dot", "empty"],
+)
 def test_external_location_must_stay_inside(kit, tiny_bundle_ext, location, session_spy):
     shutil.copy(tiny_bundle_ext / "model.onnx.data", tiny_bundle_ext.parent / "outside.data")
     _set_location(kit, tiny_bundle_ext, location)
-    with pytest.raises(ArtifactError, match=rf"model.onnx: tensor 'W': external data: location "
-                                            rf"'{location}' must be a relative path inside"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"model.onnx: tensor 'W': external data: location "
+        rf"'{location}' must be a relative path inside",
+    ):
         Runner(tiny_bundle_ext, provider="cpu")
     assert session_spy == []
 
@@ -147,23 +171,36 @@ def test_external_location_must_be_listed(kit, tiny_bundle_ext):
     with pytest.raises(ArtifactError, match=r"other.data: not listed in manifest.json files"):
         load_bundle(tiny_bundle_ext)
     (tiny_bundle_ext / "other.data").unlink()
-    with pytest.raises(ArtifactError, match=r"location 'other.data' is not listed in "
-                                            r"manifest.json"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"location 'other.data' is not listed in "
+        r"manifest.json",
+    ):
         load_bundle(tiny_bundle_ext)
 
 
-@pytest.mark.parametrize("key,match", [
-    (("__class__", "x"), r"external data: unknown key '__class__'"),
-    (("location", "model.onnx.data"), r"external data: duplicate key 'location'"),
-    (("offset", "-8"), r"external data: offset must be a non-negative integer, got '-8'"),
-    (("length", "999999999"), r"external data: offset 0 \+ length 999999999 is past the end "
-                              r"of 'model.onnx.data' \(256 bytes\)"),
-], ids=["unknown_key", "duplicate_key", "negative_offset", "length_past_eof"])
+@pytest.mark.parametrize(
+    "key,match",
+    [
+        (("__class__", "x"), r"external data: unknown key '__class__'"),
+        (("location", "model.onnx.data"), r"external data: duplicate key 'location'"),
+        (("offset", "-8"), r"external data: offset must be a non-negative integer, got '-8'"),
+        (
+            ("length", "999999999"),
+            r"external data: offset 0 \+ length 999999999 is past the end "
+            r"of 'model.onnx.data' \(256 bytes\)",
+        ),
+    ],
+    ids=["unknown_key", "duplicate_key", "negative_offset", "length_past_eof"],
+)
 def test_external_data_entries(kit, tiny_bundle_ext, key, match):
     def edit(model):
         (w,) = [t for t in model.graph.initializer if t.name == "W"]
-        kept = [(e.key, e.value) for e in w.external_data if e.key != key[0] or
-                key[0] in ("location", "__class__")]
+        kept = [
+            (e.key, e.value)
+            for e in w.external_data
+            if e.key != key[0] or key[0] in ("location", "__class__")
+        ]
         del w.external_data[:]
         for k, v in [*kept, key]:
             entry = w.external_data.add()
@@ -213,8 +250,11 @@ def test_hard_link_to_outside_file(tiny_bundle_ext, session_spy):
     shutil.copy(tiny_bundle_ext / "model.onnx.data", outside)
     (tiny_bundle_ext / "model.onnx.data").unlink()
     os.link(outside, tiny_bundle_ext / "model.onnx.data")  # onnxruntime 1.32 would follow this
-    with pytest.raises(ArtifactError, match=r"model.onnx.data: has 2 hard links; bundle files "
-                                            r"must have exactly one"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.onnx.data: has 2 hard links; bundle files "
+        r"must have exactly one",
+    ):
         Runner(tiny_bundle_ext, provider="cpu")
     assert session_spy == []
 
@@ -289,11 +329,19 @@ def test_file_swapped_during_read(tiny_bundle, monkeypatch):
 
 
 def test_graph_outputs_must_match_manifest(kit, tiny_bundle):
-    kit.rewrite_model(tiny_bundle / "model.alt.onnx", lambda m: (
-        m.graph.output[0].__setattr__("name", "z"), m.graph.node[-1].output.__setitem__(0, "z")))
+    kit.rewrite_model(
+        tiny_bundle / "model.alt.onnx",
+        lambda m: (
+            m.graph.output[0].__setattr__("name", "z"),
+            m.graph.node[-1].output.__setitem__(0, "z"),
+        ),
+    )
     kit.resign(tiny_bundle)
-    with pytest.raises(ArtifactError, match=r"model.alt.onnx: graph outputs \['z'\] do not match "
-                                            r"manifest.json outputs \['y'\]"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.alt.onnx: graph outputs \['z'\] do not match "
+        r"manifest.json outputs \['y'\]",
+    ):
         load_bundle(tiny_bundle)
 
 
@@ -301,8 +349,11 @@ def test_graph_input_dtype_must_match_manifest(kit, tiny_bundle):
     d = kit.read_manifest(tiny_bundle)
     d["inputs"][0]["dtype"] = "float16"
     kit.write_manifest(tiny_bundle, d)
-    with pytest.raises(ArtifactError, match=r"model.onnx: graph input 'x' is float32 rank 3, "
-                                            r"manifest.json says float16 rank 3"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.onnx: graph input 'x' is float32 rank 3, "
+        r"manifest.json says float16 rank 3",
+    ):
         load_bundle(tiny_bundle)
 
 
@@ -337,16 +388,23 @@ def test_object_array_in_golden_runs_no_code(kit, tiny_bundle, tmp_path):
     obj[0] = payload
     pickle.dumps(obj)  # sanity: the payload pickles
     _rewrite_golden(kit, tiny_bundle, **{"case0.out.y": obj})
-    with pytest.raises(ArtifactError, match=r"golden.npz: key 'case0.out.y' has dtype object, "
-                                            r"not a numeric dtype"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"golden.npz: key 'case0.out.y' has dtype object, "
+        r"not a numeric dtype",
+    ):
         load_bundle(tiny_bundle)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content,match", [
-    (np.random.default_rng(RNG_SEED).bytes(512), r"golden.npz: not a zip/npz archive"),
-    (b"PK\x03\x04" + b"\0" * 60, r"golden.npz: cannot be read \(BadZipFile"),
-], ids=["random_bytes", "truncated_zip"])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (np.random.default_rng(RNG_SEED).bytes(512), r"golden.npz: not a zip/npz archive"),
+        (b"PK\x03\x04" + b"\0" * 60, r"golden.npz: cannot be read \(BadZipFile"),
+    ],
+    ids=["random_bytes", "truncated_zip"],
+)
 def test_golden_garbage(kit, tiny_bundle, content, match):
     (tiny_bundle / "golden.npz").write_bytes(content)
     kit.resign(tiny_bundle)
@@ -362,15 +420,21 @@ def test_golden_missing_key(kit, tiny_bundle):
 
 def test_golden_shape_differs_from_spec(kit, tiny_bundle):
     _rewrite_golden(kit, tiny_bundle, **{"case0.out.y": np.zeros((2, 4, D), np.float32)})
-    with pytest.raises(ArtifactError, match=r"golden.cases\[0\]: output 'y': axis 1 \('seq'\) "
-                                            r"expected 5 \(as in Input 'x'\), got 4"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"golden.cases\[0\]: output 'y': axis 1 \('seq'\) "
+        r"expected 5 \(as in Input 'x'\), got 4",
+    ):
         load_bundle(tiny_bundle)
 
 
 def test_golden_input_dtype_differs_from_spec(kit, tiny_bundle):
     _rewrite_golden(kit, tiny_bundle, **{"case0.in.x": np.zeros((2, 5, D), np.float64)})
-    with pytest.raises(ArtifactError, match=r"golden.cases\[0\]: Input 'x': expected dtype "
-                                            r"float32, got float64"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"golden.cases\[0\]: Input 'x': expected dtype "
+        r"float32, got float64",
+    ):
         load_bundle(tiny_bundle)
 
 
@@ -385,6 +449,7 @@ def test_golden_header_claiming_a_huge_array(kit, tiny_bundle):
     header["shape"] = (10**12,)
     import io
     import zipfile
+
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     buf.write(b"\0" * 64)
@@ -442,6 +507,9 @@ def test_non_utf8_string_in_model(kit, tiny_bundle):
     assert data.count(b"softmax") == 1  # the node name; the op type is "Softmax"
     path.write_bytes(data.replace(b"softmax", b"softma\xff"))
     kit.resign(tiny_bundle)
-    with pytest.raises(ArtifactError, match=r"model.alt.onnx: not an ONNX model \(field "
-                                            r"NodeProto.name is not valid UTF-8\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.alt.onnx: not an ONNX model \(field "
+        r"NodeProto.name is not valid UTF-8\)",
+    ):
         load_bundle(tiny_bundle)

@@ -21,8 +21,19 @@ TYPED = {"ArtifactError", "InputError", "ParityError", "ProviderError"}
 def test_mutated_bundles_never_crash(_templates, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(_templates["external"]), str(tmp_path), str(CASES),
-         str(SEED)], env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(DRIVER),
+            str(_templates["external"]),
+            str(tmp_path),
+            str(CASES),
+            str(SEED),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     last = lines[-1] if lines else None
     # A signal (negative return code) means onnx/onnxruntime/numpy crashed on some case.
@@ -34,6 +45,9 @@ def test_mutated_bundles_never_crash(_templates, tmp_path):
     assert unexpected == [], json.dumps(unexpected[:3], indent=1)
     outcomes = collections.Counter(c["outcome"] for c in cases)
     # The fuzzer must reach past the hash check, or it tests nothing but sha256.
-    deep = [c for c in cases if c["resigned"] and c["outcome"] == "ArtifactError"
-            and "sha256" not in c["message"]]
+    deep = [
+        c
+        for c in cases
+        if c["resigned"] and c["outcome"] == "ArtifactError" and "sha256" not in c["message"]
+    ]
     assert outcomes["ArtifactError"] > CASES // 2 and len(deep) > CASES // 10, outcomes

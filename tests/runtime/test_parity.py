@@ -97,8 +97,13 @@ def test_default_table_by_dtype():
 
 
 def test_table_from_variant_overrides_dtype_then_output():
-    v = Variant("fp16", "m.onnx", ("CUDAExecutionProvider",),
-                {"float32": Tolerance(1e-3, 0)}, {"y": Tolerance(0.5, 0.5)})
+    v = Variant(
+        "fp16",
+        "m.onnx",
+        ("CUDAExecutionProvider",),
+        {"float32": Tolerance(1e-3, 0)},
+        {"y": Tolerance(0.5, 0.5)},
+    )
     table = ToleranceTable.from_variant(v)
     assert table.lookup("y", "float32") == Tolerance(0.5, 0.5)
     assert table.lookup("z", "float32") == Tolerance(1e-3, 0)
@@ -127,8 +132,9 @@ def test_check_passes_silently():
 def test_check_lists_every_failing_output_at_once():
     got_y, got_z = REF + 1e-2, REF.copy()
     got_z[0, 0, 0] = np.nan
-    records = compare({"y": got_y, "z": got_z, "w": REF},
-                      {"y": REF, "z": REF, "w": REF, "k": REF}, TABLE)
+    records = compare(
+        {"y": got_y, "z": got_z, "w": REF}, {"y": REF, "z": REF, "w": REF, "k": REF}, TABLE
+    )
     with pytest.raises(ParityError) as info:
         check(records)
     msg = str(info.value)
@@ -142,24 +148,32 @@ def test_check_lists_every_failing_output_at_once():
 
 
 def test_check_of_parity_records_names_variant_provider_point():
-    bad = parity_record("fp16", "CUDAExecutionProvider", {"batch": 1, "seq": 3},
-                        compare({"y": REF + 1}, {"y": REF}))
-    good = parity_record("base", "CPUExecutionProvider", {"batch": 1, "seq": 3},
-                         compare({"y": REF}, {"y": REF}))
+    bad = parity_record(
+        "fp16", "CUDAExecutionProvider", {"batch": 1, "seq": 3}, compare({"y": REF + 1}, {"y": REF})
+    )
+    good = parity_record(
+        "base", "CPUExecutionProvider", {"batch": 1, "seq": 3}, compare({"y": REF}, {"y": REF})
+    )
     assert good.passed and not bad.passed
-    with pytest.raises(ParityError, match=r"(?s)1 of 2 records.*fp16 on CUDAExecutionProvider "
-                                          r"at batch=1, seq=3: y: max_abs 1,") as info:
+    with pytest.raises(
+        ParityError,
+        match=r"(?s)1 of 2 records.*fp16 on CUDAExecutionProvider "
+        r"at batch=1, seq=3: y: max_abs 1,",
+    ) as info:
         check([good, bad])
     assert info.value.records == (bad,)
 
 
 def _records():
-    ok = parity_record("base", "CPUExecutionProvider", {"batch": 2, "seq": 5},
-                       compare({"y": REF}, {"y": REF}))
-    fail = parity_record("alt", "CPUExecutionProvider", {"batch": 1, "seq": 3},
-                         compare({"y": REF + 1}, {"y": REF}))
-    missing = parity_record("alt", "CPUExecutionProvider", {"batch": 1, "seq": 1},
-                            compare({}, {"y": REF}))
+    ok = parity_record(
+        "base", "CPUExecutionProvider", {"batch": 2, "seq": 5}, compare({"y": REF}, {"y": REF})
+    )
+    fail = parity_record(
+        "alt", "CPUExecutionProvider", {"batch": 1, "seq": 3}, compare({"y": REF + 1}, {"y": REF})
+    )
+    missing = parity_record(
+        "alt", "CPUExecutionProvider", {"batch": 1, "seq": 1}, compare({}, {"y": REF})
+    )
     return [ok, fail, missing]
 
 

@@ -50,16 +50,19 @@ def test_golden_cases_match(bundle, variant):
 def test_external_data_bundle_runs(tiny_bundle_ext):
     with Runner(tiny_bundle_ext, provider="cpu") as r:
         g = r.bundle.golden[1]
-        np.testing.assert_allclose(r.run(dict(g.inputs))["y"], g.outputs["y"], atol=ATOL,
-                                   rtol=RTOL)
+        np.testing.assert_allclose(r.run(dict(g.inputs))["y"], g.outputs["y"], atol=ATOL, rtol=RTOL)
 
 
 def test_odd_layouts_give_identical_results(runner, bundle):
     g = bundle.golden[0]
     native = runner.run(dict(g.inputs))["y"]
     x = g.inputs["x"]
-    for odd in (x.astype(">f4"), np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2],
-                x[:, ::-1].copy()[:, ::-1]):
+    for odd in (
+        x.astype(">f4"),
+        np.asfortranarray(x),
+        np.repeat(x, 2, axis=1)[:, ::2],
+        x[:, ::-1].copy()[:, ::-1],
+    ):
         out = runner.run({**g.inputs, "x": odd})["y"]
         assert np.array_equal(out, native)
     m_big = g.inputs["m"].astype(">f4")
@@ -90,8 +93,11 @@ def test_reject_nonfinite_runner(bundle):
 def test_cuda_on_cpu_only_install_lists_available(bundle, kit):
     if kit.has_cuda():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(ProviderError, match=r"provider 'cuda' requested but onnxruntime offers "
-                                            r"only .*CPUExecutionProvider"):
+    with pytest.raises(
+        ProviderError,
+        match=r"provider 'cuda' requested but onnxruntime offers "
+        r"only .*CPUExecutionProvider",
+    ):
         Runner(bundle, provider="cuda")
 
 
@@ -103,8 +109,11 @@ def test_cpu_and_auto(bundle, kit):
 
 
 def test_unknown_provider(bundle):
-    with pytest.raises(ProviderError, match=r"unknown provider 'tpu'; choose one of auto, cpu, "
-                                            r"cuda"):
+    with pytest.raises(
+        ProviderError,
+        match=r"unknown provider 'tpu'; choose one of auto, cpu, "
+        r"cuda",
+    ):
         Runner(bundle, provider="tpu")
 
 
@@ -113,15 +122,24 @@ def test_silent_fallback_is_caught(bundle, kit):
     if kit.has_cuda():
         pytest.skip("this onnxruntime has CUDA")
     # onnxruntime alone would quietly build a CPU session here.
-    with pytest.raises(ProviderError, match=r"asked for CUDAExecutionProvider but onnxruntime "
-                                            r"created the session with CPUExecutionProvider"):
-        create_session(bundle.model_bytes("base"), bundle_dir=bundle.dir, data_files={},
-                       provider=CUDA, label="model.onnx")
+    with pytest.raises(
+        ProviderError,
+        match=r"asked for CUDAExecutionProvider but onnxruntime "
+        r"created the session with CPUExecutionProvider",
+    ):
+        create_session(
+            bundle.model_bytes("base"),
+            bundle_dir=bundle.dir,
+            data_files={},
+            provider=CUDA,
+            label="model.onnx",
+        )
 
 
 def _with_parity(manifest: Manifest, **passed) -> Manifest:
-    parity = tuple(dataclasses.replace(r, passed=passed.get(r.variant, r.passed))
-                   for r in manifest.parity)
+    parity = tuple(
+        dataclasses.replace(r, passed=passed.get(r.variant, r.passed)) for r in manifest.parity
+    )
     return dataclasses.replace(manifest, parity=parity)
 
 
@@ -135,9 +153,12 @@ def test_choose_variant_prefers_first_that_passed(bundle):
 
 def test_no_variant_passed(bundle):
     m = _with_parity(bundle.manifest, base=False, alt=False)
-    with pytest.raises(ProviderError, match=r"bundle 'tiny' has no variant for "
-                                            r"CPUExecutionProvider that passed parity \(variants: "
-                                            r"base on CPUExecutionProvider/CUDAExecutionProvider"):
+    with pytest.raises(
+        ProviderError,
+        match=r"bundle 'tiny' has no variant for "
+        r"CPUExecutionProvider that passed parity \(variants: "
+        r"base on CPUExecutionProvider/CUDAExecutionProvider",
+    ):
         choose_variant(m, CPU)
 
 
@@ -147,8 +168,11 @@ def test_unknown_variant_lists_known(bundle):
 
 
 def test_variant_for_another_provider(bundle):
-    with pytest.raises(ProviderError, match=r"variant 'alt' is meant for CPUExecutionProvider, "
-                                            r"not CUDAExecutionProvider"):
+    with pytest.raises(
+        ProviderError,
+        match=r"variant 'alt' is meant for CPUExecutionProvider, "
+        r"not CUDAExecutionProvider",
+    ):
         choose_variant(bundle.manifest, CUDA, "alt")
 
 
@@ -173,18 +197,30 @@ class _FakeSession:
 def test_onnxruntime_failure_on_valid_input_names_the_model(bundle):
     r = Runner(bundle, provider="cpu")
     r._session = _FakeSession(error=Fail("boom"))
-    with pytest.raises(ArtifactError, match=r"model.onnx: onnxruntime failed on a valid input: "
-                                            r"boom"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.onnx: onnxruntime failed on a valid input: "
+        r"boom",
+    ):
         r.run(dict(bundle.golden[0].inputs))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((2, 4, 8), np.float32),
-     r"model.onnx: output 'y': axis 1 \('seq'\) expected 5 \(as in Input 'x'\), got 4"),
-    (np.zeros((2, 5, 8), np.float64), r"model.onnx: output 'y': expected dtype float32, got "
-                                      r"float64"),
-    (np.zeros((2, 5), np.float32), r"output 'y': expected rank 3"),
-], ids=["shape", "dtype", "rank"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (
+            np.zeros((2, 4, 8), np.float32),
+            r"model.onnx: output 'y': axis 1 \('seq'\) expected 5 \(as in Input 'x'\), got 4",
+        ),
+        (
+            np.zeros((2, 5, 8), np.float64),
+            r"model.onnx: output 'y': expected dtype float32, got "
+            r"float64",
+        ),
+        (np.zeros((2, 5), np.float32), r"output 'y': expected rank 3"),
+    ],
+    ids=["shape", "dtype", "rank"],
+)
 def test_outputs_are_checked_against_the_manifest(bundle, bad, match):
     r = Runner(bundle, provider="cpu")
     r._session = _FakeSession(result=[bad])
@@ -198,8 +234,9 @@ def test_placement_report(runner, bundle):
 
 
 def test_eight_threads_match_serial(runner, kit):
-    feeds = [kit.make_inputs({"batch": 1 + i % 4, "seq": 1 + (7 * i) % 16}, seed=i)
-             for i in range(48)]
+    feeds = [
+        kit.make_inputs({"batch": 1 + i % 4, "seq": 1 + (7 * i) % 16}, seed=i) for i in range(48)
+    ]
     serial = [runner.run(f)["y"] for f in feeds]
     results: list = [None] * len(feeds)
     errors = []
@@ -227,5 +264,6 @@ def test_cuda_io_binding_matches_golden(bundle):
     with Runner(bundle, provider="cuda") as r:
         assert r.session.get_providers()[0] == CUDA
         for g in bundle.golden:
-            np.testing.assert_allclose(r.run(dict(g.inputs))["y"], g.outputs["y"], atol=ATOL,
-                                       rtol=RTOL)
+            np.testing.assert_allclose(
+                r.run(dict(g.inputs))["y"], g.outputs["y"], atol=ATOL, rtol=RTOL
+            )

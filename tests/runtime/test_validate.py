@@ -18,8 +18,10 @@ def manifest(_templates):
 
 def feed(batch=2, seq=5, seed=0, **override):
     rng = np.random.default_rng(seed)
-    f = {"x": rng.standard_normal((batch, seq, D)).astype(np.float32),
-         "m": rng.standard_normal((batch, D)).astype(np.float32)}
+    f = {
+        "x": rng.standard_normal((batch, seq, D)).astype(np.float32),
+        "m": rng.standard_normal((batch, D)).astype(np.float32),
+    }
     f.update(override)
     return f
 
@@ -36,32 +38,57 @@ BAD = {
     "float16": (feed(x=np.zeros((2, 5, D), np.float16)), r"expected dtype float32, got float16"),
     "bool": (feed(x=np.zeros((2, 5, D), bool)), r"Input 'x': expected dtype float32, got bool"),
     "object": (feed(x=np.empty((2, 5, D), object)), r"expected dtype float32, got object"),
-    "list": (feed(x=[[[0.0] * D] * 5] * 2),
-             r"Input 'x': expected a numpy.ndarray of float32, got list \(convert with "
-             r"np.asarray\(value, dtype=np.float32\)\)"),
-    "numpy_scalar": (feed(m=np.float32(1.0)), r"Input 'm': expected a numpy.ndarray of float32, "
-                                              r"got float32"),
-    "rank2": (feed(x=np.zeros((2, 5), np.float32)),
-              r"Input 'x': expected rank 3 \[batch, seq, 8\], got rank 2 with shape \[2, 5\]"),
+    "list": (
+        feed(x=[[[0.0] * D] * 5] * 2),
+        r"Input 'x': expected a numpy.ndarray of float32, got list \(convert with "
+        r"np.asarray\(value, dtype=np.float32\)\)",
+    ),
+    "numpy_scalar": (
+        feed(m=np.float32(1.0)),
+        r"Input 'm': expected a numpy.ndarray of float32, "
+        r"got float32",
+    ),
+    "rank2": (
+        feed(x=np.zeros((2, 5), np.float32)),
+        r"Input 'x': expected rank 3 \[batch, seq, 8\], got rank 2 with shape \[2, 5\]",
+    ),
     "rank4": (feed(x=np.zeros((2, 5, D, 1), np.float32)), r"expected rank 3 .* got rank 4"),
-    "static_dim": (feed(x=np.zeros((2, 5, 7), np.float32)),
-                   r"^Input 'x': axis 2 expected 8, got 7$"),
-    "T0": (feed(seq=0), r"^Input 'x': axis 1 \('seq'\) expected 1..16, got 0 \(below the min "
-                        r"1\)$"),
-    "B0": (feed(batch=0), r"Input 'x': axis 0 \('batch'\) expected 1..4, got 0 \(below the min "
-                          r"1\)"),
-    "T_beyond_max": (feed(seq=17), r"Input 'x': axis 1 \('seq'\) expected 1..16, got 17 \(above "
-                                   r"the max 16\)"),
+    "static_dim": (
+        feed(x=np.zeros((2, 5, 7), np.float32)),
+        r"^Input 'x': axis 2 expected 8, got 7$",
+    ),
+    "T0": (
+        feed(seq=0),
+        r"^Input 'x': axis 1 \('seq'\) expected 1..16, got 0 \(below the min "
+        r"1\)$",
+    ),
+    "B0": (
+        feed(batch=0),
+        r"Input 'x': axis 0 \('batch'\) expected 1..4, got 0 \(below the min "
+        r"1\)",
+    ),
+    "T_beyond_max": (
+        feed(seq=17),
+        r"Input 'x': axis 1 \('seq'\) expected 1..16, got 17 \(above "
+        r"the max 16\)",
+    ),
     "B_beyond_max": (feed(batch=5), r"axis 0 \('batch'\) expected 1..4, got 5 \(above the max"),
-    "shared_dim": (feed(m=np.zeros((3, D), np.float32)),
-                   r"^Input 'm': axis 0 \('batch'\) expected 2 \(as in Input 'x'\), got 3$"),
+    "shared_dim": (
+        feed(m=np.zeros((3, D), np.float32)),
+        r"^Input 'm': axis 0 \('batch'\) expected 2 \(as in Input 'x'\), got 3$",
+    ),
     "missing": ({"x": feed()["x"]}, r"^missing input 'm'; expected inputs: x, m$"),
     "unknown": (feed(z=np.zeros(1, np.float32)), r"^unknown input 'z'; expected inputs: x, m$"),
-    "initializer": (feed(W=np.eye(D, dtype=np.float32)),
-                    r"^'W' is a weight \(initializer\) of the model, not an input; expected "
-                    r"inputs: x, m$"),
-    "not_a_mapping": ([feed()["x"]], r"expected a mapping of input name -> numpy.ndarray, "
-                                     r"got list"),
+    "initializer": (
+        feed(W=np.eye(D, dtype=np.float32)),
+        r"^'W' is a weight \(initializer\) of the model, not an input; expected "
+        r"inputs: x, m$",
+    ),
+    "not_a_mapping": (
+        [feed()["x"]],
+        r"expected a mapping of input name -> numpy.ndarray, "
+        r"got list",
+    ),
 }
 
 
@@ -109,11 +136,15 @@ def test_big_endian_is_converted_to_native(manifest):
     assert np.array_equal(out["x"], f["x"])
 
 
-@pytest.mark.parametrize("make", [
-    lambda x: x[:, ::-1],
-    lambda x: np.asfortranarray(x),
-    lambda x: np.repeat(x, 2, axis=2)[:, :, ::2],
-], ids=["negative_stride", "fortran", "strided"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x[:, ::-1],
+        lambda x: np.asfortranarray(x),
+        lambda x: np.repeat(x, 2, axis=2)[:, :, ::2],
+    ],
+    ids=["negative_stride", "fortran", "strided"],
+)
 def test_non_contiguous_is_made_contiguous(manifest, make):
     f = feed()
     odd = make(f["x"])

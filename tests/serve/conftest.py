@@ -58,7 +58,7 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return int(fields[1]), fields[0], int(fields[19])
 
 
@@ -110,16 +110,26 @@ def port_open(port: int) -> bool:
 class ServerProcess:
     """`attnx serve ... --port P` in its own process group; .stop() checks the cleanup."""
 
-    def __init__(self, bundles: list[Path], *, replicas: int, extra: list[str] = (),
-                 log_dir: Path):
+    def __init__(self, bundles: list[Path], *, replicas: int, extra: list[str] = (), log_dir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"serve_{self.port}.log"
-        cmd = [sys.executable, "-m", "runtime", "serve", *map(str, bundles),
-               "--replicas", str(replicas), "--port", str(self.port), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "runtime",
+            "serve",
+            *map(str, bundles),
+            "--replicas",
+            str(replicas),
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.client = Client(self.url, timeout_s=60)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.client.ready():
@@ -134,8 +144,7 @@ class ServerProcess:
 
     def replicas(self, model: str) -> list[int]:
         title = f"{REPLICA_TITLE}model_{model}"
-        return sorted(pid for pid in descendants(self.proc.pid)
-                      if cmdline(pid).startswith(title))
+        return sorted(pid for pid in descendants(self.proc.pid) if cmdline(pid).startswith(title))
 
     def stop(self) -> dict:
         """SIGINT, wait, then report what is left: {"exit": code, "left": [...], "port_open"}."""
@@ -174,7 +183,8 @@ def pytest_configure(config):
     config._attnx_serve_report = []
     # Ray Serve 2.60's own pydantic models warn at import; nothing of ours to act on.
     config.addinivalue_line(
-        "filterwarnings", "ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+        "filterwarnings", "ignore:Using extra keyword arguments on `Field`:DeprecationWarning"
+    )
 
 
 def report_line(config, line: str) -> None:

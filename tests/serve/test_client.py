@@ -58,9 +58,12 @@ def test_infer_round_trips_arrays_bit_for_bit(server):
     client, script = server
     script.answers = [(200, b"ECHO")]
     rng = np.random.default_rng(0)
-    inputs = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32),
-              "m": rng.random((2, 3)) > 0.5, "ids": rng.integers(0, 9, (2, 3)),
-              "h": rng.standard_normal(5).astype(np.float16)}
+    inputs = {
+        "x": rng.standard_normal((2, 3, 4)).astype(np.float32),
+        "m": rng.random((2, 3)) > 0.5,
+        "ids": rng.integers(0, 9, (2, 3)),
+        "h": rng.standard_normal(5).astype(np.float16),
+    }
     out = client.infer("m", inputs, outputs=["x"], request_id="abc")
     assert list(out) == list(inputs)
     for name, arr in inputs.items():
@@ -69,8 +72,12 @@ def test_infer_round_trips_arrays_bit_for_bit(server):
     doc = json.loads(body)
     assert (method, path) == ("POST", "/v2/models/m/infer")
     assert doc["id"] == "abc" and doc["outputs"] == [{"name": "x"}]
-    assert doc["inputs"][1] == {"name": "m", "datatype": "BOOL", "shape": [2, 3],
-                                "data": inputs["m"].ravel().tolist()}
+    assert doc["inputs"][1] == {
+        "name": "m",
+        "datatype": "BOOL",
+        "shape": [2, 3],
+        "data": inputs["m"].ravel().tolist(),
+    }
 
 
 def test_model_names_are_quoted_in_paths(server):
@@ -80,15 +87,23 @@ def test_model_names_are_quoted_in_paths(server):
     assert script.seen[-1][1] == "/v2/models/a%20b%2Fc"
 
 
-@pytest.mark.parametrize("status, data, message, retryable", [
-    (400, b'{"error": "Input \'x\': axis 2 expected 32, got 31"}',
-     r"HTTP 400: Input 'x': axis 2 expected 32, got 31", False),
-    (404, b'{"error": "unknown model \'m\'"}', r"HTTP 404: unknown model 'm'", False),
-    (503, b'{"error": "replica died", "retryable": true}', r"HTTP 503: replica died", True),
-    (502, b"Bad Gateway", r"HTTP 502: Bad Gateway", True),
-    (500, b"", r"HTTP 500: \(empty body\)", False),
-    (413, b'{"other": 1}', r'HTTP 413: \{"other": 1\}', False),
-], ids=["400", "404", "503", "502-text", "500-empty", "413-odd-json"])
+@pytest.mark.parametrize(
+    "status, data, message, retryable",
+    [
+        (
+            400,
+            b'{"error": "Input \'x\': axis 2 expected 32, got 31"}',
+            r"HTTP 400: Input 'x': axis 2 expected 32, got 31",
+            False,
+        ),
+        (404, b'{"error": "unknown model \'m\'"}', r"HTTP 404: unknown model 'm'", False),
+        (503, b'{"error": "replica died", "retryable": true}', r"HTTP 503: replica died", True),
+        (502, b"Bad Gateway", r"HTTP 502: Bad Gateway", True),
+        (500, b"", r"HTTP 500: \(empty body\)", False),
+        (413, b'{"other": 1}', r'HTTP 413: \{"other": 1\}', False),
+    ],
+    ids=["400", "404", "503", "502-text", "500-empty", "413-odd-json"],
+)
 def test_errors_carry_status_message_and_retryability(server, status, data, message, retryable):
     client, script = server
     script.answers = [(status, data)]
@@ -133,8 +148,12 @@ def test_health_checks_are_booleans(server):
     assert not client.wait_ready(timeout_s=0.3, interval_s=0.05)
     script.answers = [(503, b""), (200, b"")]
     assert client.wait_ready(timeout_s=5, interval_s=0.05)
-    assert [p for _, p, _ in script.seen[:4]] == ["/v2/health/live", "/v2/health/ready",
-                                                  "/v2/models/m/ready", "/v2/health/ready"]
+    assert [p for _, p, _ in script.seen[:4]] == [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/m/ready",
+        "/v2/health/ready",
+    ]
 
 
 def test_no_server_is_a_retryable_error_and_not_live():
@@ -151,14 +170,20 @@ def test_no_server_is_a_retryable_error_and_not_live():
 
 
 def test_inputs_without_a_protocol_datatype_are_refused():
-    with pytest.raises(ServerError, match=r"input 'c': dtype complex64 has no Open Inference "
-                                          r"Protocol datatype"):
+    with pytest.raises(
+        ServerError,
+        match=r"input 'c': dtype complex64 has no Open Inference "
+        r"Protocol datatype",
+    ):
         Client.infer_body({"c": np.zeros(2, np.complex64)})
 
 
 def test_decode_outputs_refuses_unknown_datatypes():
-    assert decode_outputs({"outputs": [encode_tensor("y", np.eye(2, dtype=np.float64))]})[
-        "y"].dtype == np.float64
+    assert (
+        decode_outputs({"outputs": [encode_tensor("y", np.eye(2, dtype=np.float64))]})["y"].dtype
+        == np.float64
+    )
     with pytest.raises(ServerError, match=r"output 's': unsupported datatype 'BYTES'"):
-        decode_outputs({"outputs": [{"name": "s", "datatype": "BYTES", "shape": [1],
-                                     "data": ["a"]}]})
+        decode_outputs(
+            {"outputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+        )

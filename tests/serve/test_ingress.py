@@ -38,6 +38,7 @@ class _Method:
     def remote(self, *args):
         async def call():
             return self.fn(*args)
+
         return call()
 
 
@@ -49,23 +50,32 @@ def tiny(tmp_path_factory):
 
 def feed() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"x": rng.standard_normal((2, 3, 8)).astype(np.float32),
-            "m": rng.standard_normal((2, 8)).astype(np.float32)}
+    return {
+        "x": rng.standard_normal((2, 3, 8)).astype(np.float32),
+        "m": rng.standard_normal((2, 8)).astype(np.float32),
+    }
 
 
 @pytest.fixture
 def ingress(tiny):
     def make(**handle) -> Ingress:
         weights = sorted(set().union(*tiny.weights.values()))
-        models = {"tiny": {"manifest": tiny.manifest.to_json(), "weights": weights,
-                           "max_batch_size": 8}}
+        models = {
+            "tiny": {"manifest": tiny.manifest.to_json(), "weights": weights, "max_batch_size": 8}
+        }
         return Ingress(models, {"tiny": Handle(**handle)}, max_body_bytes=10_000, version="t")
+
     return make
 
 
 def call(app: Ingress, method: str, path: str, body: bytes = b"") -> tuple[int, dict, dict]:
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"",
-             "headers": [(b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": [(b"content-length", str(len(body)).encode())],
+    }
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -88,21 +98,27 @@ def test_an_answer_is_encoded(ingress):
 
 def test_a_failure_from_the_replica_keeps_its_status_and_message(ingress):
     app = ingress(infer=lambda f: Failure(400, "Input 'x': no"))
-    assert call(app, "POST", "/v2/models/tiny/infer", infer_body())[:2] == \
-        (400, {"error": "Input 'x': no"})
+    assert call(app, "POST", "/v2/models/tiny/infer", infer_body())[:2] == (
+        400,
+        {"error": "Input 'x': no"},
+    )
 
 
-@pytest.mark.parametrize("error", [ActorDiedError(), BackPressureError(
-    num_queued_requests=5, max_queued_requests=5)], ids=["replica-died", "back-pressure"])
+@pytest.mark.parametrize(
+    "error",
+    [ActorDiedError(), BackPressureError(num_queued_requests=5, max_queued_requests=5)],
+    ids=["replica-died", "back-pressure"],
+)
 def test_a_dead_or_full_replica_is_a_retryable_503(ingress, error):
     def die(f):
         raise error
 
-    status, doc, headers = call(ingress(infer=die), "POST", "/v2/models/tiny/infer",
-                                infer_body())
+    status, doc, headers = call(ingress(infer=die), "POST", "/v2/models/tiny/infer", infer_body())
     assert status == 503 and doc["retryable"] is True and headers["retry-after"] == "1"
-    assert doc["error"] == ("the model replica serving this request stopped or is unavailable; "
-                            "the request was not answered, send it again")
+    assert doc["error"] == (
+        "the model replica serving this request stopped or is unavailable; "
+        "the request was not answered, send it again"
+    )
 
 
 def test_an_unexpected_error_is_a_500_with_details_only_in_the_log(ingress, caplog):
@@ -110,10 +126,8 @@ def test_an_unexpected_error_is_a_500_with_details_only_in_the_log(ingress, capl
         raise ZeroDivisionError("secret /srv/models/tiny/model.onnx")
 
     with caplog.at_level(logging.ERROR, logger="attnx.serve"):
-        status, doc, _ = call(ingress(infer=crash), "POST", "/v2/models/tiny/infer",
-                              infer_body())
-    assert (status, doc) == (500, {"error": "internal server error (details in the server "
-                                            "log)"})
+        status, doc, _ = call(ingress(infer=crash), "POST", "/v2/models/tiny/infer", infer_body())
+    assert (status, doc) == (500, {"error": "internal server error (details in the server log)"})
     assert "secret /srv/models/tiny/model.onnx" in caplog.text
 
 
@@ -130,8 +144,7 @@ def test_readiness_follows_the_model_replicas(ingress):
 def test_metadata_reports_the_replica_variant(ingress):
     status, doc, _ = call(ingress(), "GET", "/v2/models/tiny")
     assert status == 200 and doc["attnx"]["variant"] == "base"
-    assert call(ingress(), "GET", "/v2")[1] == {"name": "attnx", "version": "t",
-                                                "extensions": []}
+    assert call(ingress(), "GET", "/v2")[1] == {"name": "attnx", "version": "t", "extensions": []}
 
 
 def test_a_weight_name_is_refused_before_the_replica_sees_it(ingress):

@@ -33,13 +33,25 @@ DIMS = {"batch": DimRange(1, 4), "seq": DimRange(1, 6)}
 
 
 def manifest(inputs=None, outputs=None, dims=None) -> Manifest:
-    inputs = inputs or (TensorSpec("x", "float32", ("batch", "seq", D)),
-                        TensorSpec("mask", "bool", ("batch", "seq")),
-                        TensorSpec("ids", "int64", ("batch", "seq")))
+    inputs = inputs or (
+        TensorSpec("x", "float32", ("batch", "seq", D)),
+        TensorSpec("mask", "bool", ("batch", "seq")),
+        TensorSpec("ids", "int64", ("batch", "seq")),
+    )
     outputs = outputs or (TensorSpec("y", "float32", ("batch", "seq", D)),)
-    return Manifest(name="tiny", source={}, producer={}, opset=18, inputs=tuple(inputs),
-                    outputs=tuple(outputs), dims=dims or DIMS, files=(), variants=(),
-                    parity=(), golden=Golden("golden.npz", ()))
+    return Manifest(
+        name="tiny",
+        source={},
+        producer={},
+        opset=18,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        dims=dims or DIMS,
+        files=(),
+        variants=(),
+        parity=(),
+        golden=Golden("golden.npz", ()),
+    )
 
 
 M = manifest()
@@ -47,9 +59,11 @@ M = manifest()
 
 def feed(b=2, s=3, seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((b, s, D)).astype(np.float32),
-            "mask": rng.random((b, s)) > 0.5,
-            "ids": rng.integers(-5, 5, (b, s))}
+    return {
+        "x": rng.standard_normal((b, s, D)).astype(np.float32),
+        "mask": rng.random((b, s)) > 0.5,
+        "ids": rng.integers(-5, 5, (b, s)),
+    }
 
 
 def body(tensors: list[dict], **extra) -> bytes:
@@ -71,34 +85,58 @@ def refuse(raw: bytes, status: int = 400, **kwargs) -> str:
 # Routing
 
 
-@pytest.mark.parametrize("method, path, kind", [
-    ("GET", "/v2", "server"),
-    ("GET", "/v2/health/live", "live"),
-    ("GET", "/v2/health/ready/", "ready"),
-    ("GET", "/v2/models/tiny", "model"),
-    ("GET", "/v2/models/tiny/ready", "model_ready"),
-    ("POST", "/v2/models/tiny/infer", "infer"),
-    ("POST", "/v2/models/tiny/versions/1/infer", "infer"),
-    ("GET", "/v2/models/tiny/versions/1", "model"),
-], ids=["server", "live", "ready-slash", "model", "model-ready", "infer", "versioned-infer",
-        "versioned-model"])
+@pytest.mark.parametrize(
+    "method, path, kind",
+    [
+        ("GET", "/v2", "server"),
+        ("GET", "/v2/health/live", "live"),
+        ("GET", "/v2/health/ready/", "ready"),
+        ("GET", "/v2/models/tiny", "model"),
+        ("GET", "/v2/models/tiny/ready", "model_ready"),
+        ("POST", "/v2/models/tiny/infer", "infer"),
+        ("POST", "/v2/models/tiny/versions/1/infer", "infer"),
+        ("GET", "/v2/models/tiny/versions/1", "model"),
+    ],
+    ids=[
+        "server",
+        "live",
+        "ready-slash",
+        "model",
+        "model-ready",
+        "infer",
+        "versioned-infer",
+        "versioned-model",
+    ],
+)
 def test_route_finds_endpoints(method, path, kind):
     found = route(method, path, ["tiny"])
     assert found.kind == kind
     assert found.model == (None if kind in ("server", "live", "ready") else "tiny")
 
 
-@pytest.mark.parametrize("method, path, status, message", [
-    ("GET", "/v1/models", 404, r"no such endpoint: '/v1/models'; endpoints: /v2"),
-    ("GET", "/v2/models/nope", 404, r"unknown model 'nope'; served models: tiny"),
-    ("GET", "/v2/models/tiny/versions/2/ready", 404, r"has no version '2'; served version: 1"),
-    ("POST", "/v2/models/tiny/bogus", 404, r"no such endpoint: '/v2/models/tiny/bogus'"),
-    ("GET", "/v2/models/tiny/infer", 405, r"takes POST, not 'GET'"),
-    ("POST", "/v2/health/live", 405, r"takes GET, not 'POST'"),
-    ("DELETE", "/v2/models/tiny", 405, r"takes GET"),
-    ("PUT", "/v2/models/tiny/ready", 405, r"takes GET"),
-], ids=["v1", "unknown-model", "unknown-version", "unknown-endpoint", "get-infer",
-        "post-live", "delete-model", "put-ready"])
+@pytest.mark.parametrize(
+    "method, path, status, message",
+    [
+        ("GET", "/v1/models", 404, r"no such endpoint: '/v1/models'; endpoints: /v2"),
+        ("GET", "/v2/models/nope", 404, r"unknown model 'nope'; served models: tiny"),
+        ("GET", "/v2/models/tiny/versions/2/ready", 404, r"has no version '2'; served version: 1"),
+        ("POST", "/v2/models/tiny/bogus", 404, r"no such endpoint: '/v2/models/tiny/bogus'"),
+        ("GET", "/v2/models/tiny/infer", 405, r"takes POST, not 'GET'"),
+        ("POST", "/v2/health/live", 405, r"takes GET, not 'POST'"),
+        ("DELETE", "/v2/models/tiny", 405, r"takes GET"),
+        ("PUT", "/v2/models/tiny/ready", 405, r"takes GET"),
+    ],
+    ids=[
+        "v1",
+        "unknown-model",
+        "unknown-version",
+        "unknown-endpoint",
+        "get-infer",
+        "post-live",
+        "delete-model",
+        "put-ready",
+    ],
+)
 def test_route_refuses(method, path, status, message):
     with pytest.raises(RequestError, match=message) as e:
         route(method, path, ["tiny"])
@@ -152,44 +190,73 @@ BAD_REQUESTS = {
     "not-object": (b"[]", r"must be a JSON object with a non-empty 'inputs' list"),
     "no-inputs": (b'{"inputs": []}', r"non-empty 'inputs' list"),
     "nameless": (b'{"inputs": [1]}', r"inputs\[0\]: expected an object with a string 'name'"),
-    "unknown-input": (body(tensors(feed()) + [{"name": "zz"}]),
-                      r"Input 'zz': not an input of the model; expected inputs: x, mask, ids"),
+    "unknown-input": (
+        body(tensors(feed()) + [{"name": "zz"}]),
+        r"Input 'zz': not an input of the model; expected inputs: x, mask, ids",
+    ),
     "twice": (body(tensors(feed()) + tensors({"x": feed()["x"]})), r"Input 'x': given twice"),
-    "missing": (body(tensors({"x": feed()["x"], "ids": feed()["ids"]})),
-                r"missing input 'mask'; expected inputs: x, mask, ids"),
-    "binary": (_with("x", parameters={"binary_data_size": 96}),
-               r"Input 'x': binary tensor data is not supported"),
-    "wrong-datatype": (_with("x", datatype="FP64"),
-                       r"Input 'x': expected datatype FP32, got 'FP64'"),
-    "bad-shape-field": (_with("x", shape=[2, "3", 4]),
-                        r"Input 'x': 'shape' must be a list of non-negative integers"),
+    "missing": (
+        body(tensors({"x": feed()["x"], "ids": feed()["ids"]})),
+        r"missing input 'mask'; expected inputs: x, mask, ids",
+    ),
+    "binary": (
+        _with("x", parameters={"binary_data_size": 96}),
+        r"Input 'x': binary tensor data is not supported",
+    ),
+    "wrong-datatype": (
+        _with("x", datatype="FP64"),
+        r"Input 'x': expected datatype FP32, got 'FP64'",
+    ),
+    "bad-shape-field": (
+        _with("x", shape=[2, "3", 4]),
+        r"Input 'x': 'shape' must be a list of non-negative integers",
+    ),
     "wrong-static-dim": (_with("x", shape=[2, 3, 5]), r"Input 'x': axis 2 expected 4, got 5"),
-    "above-range": (_with("x", shape=[2, 7, 4]),
-                    r"Input 'x': axis 1 \('seq'\) expected 1..6, got 7 \(above the max 6\)"),
+    "above-range": (
+        _with("x", shape=[2, 7, 4]),
+        r"Input 'x': axis 1 \('seq'\) expected 1..6, got 7 \(above the max 6\)",
+    ),
     "wrong-rank": (_with("ids", shape=[6]), r"Input 'ids': expected rank 2"),
     "data-not-list": (_with("x", data="abc"), r"Input 'x': 'data' must be a list of values"),
-    "count": (_with("ids", data=[1, 2, 3]), r"Input 'ids': shape \[2, 3\] holds 6 values, "
-                                            r"'data' has 3"),
+    "count": (
+        _with("ids", data=[1, 2, 3]),
+        r"Input 'ids': shape \[2, 3\] holds 6 values, "
+        r"'data' has 3",
+    ),
     "ragged": (_with("ids", data=[[1, 2, 3], [4, 5]]), r"Input 'ids': 'data' is a ragged"),
-    "nested-shape": (_with("ids", data=[[1, 2], [3, 4], [5, 6]]),
-                     r"Input 'ids': nested 'data' has shape \[3, 2\], 'shape' says \[2, 3\]"),
-    "bool-numbers": (_with("mask", data=[1, 0, 1, 0, 1, 0]),
-                     r"Input 'mask': datatype BOOL needs true/false values"),
-    "int-floats": (_with("ids", data=[1.5] * 6), r"Input 'ids': datatype INT64 needs integers, "
-                                                 r"got floats"),
-    "float-bools": (_with("ids", data=[1, True, 1, 1, 1, 1]),
-                    r"datatype INT64 needs integers, got true/false values"),
+    "nested-shape": (
+        _with("ids", data=[[1, 2], [3, 4], [5, 6]]),
+        r"Input 'ids': nested 'data' has shape \[3, 2\], 'shape' says \[2, 3\]",
+    ),
+    "bool-numbers": (
+        _with("mask", data=[1, 0, 1, 0, 1, 0]),
+        r"Input 'mask': datatype BOOL needs true/false values",
+    ),
+    "int-floats": (
+        _with("ids", data=[1.5] * 6),
+        r"Input 'ids': datatype INT64 needs integers, "
+        r"got floats",
+    ),
+    "float-bools": (
+        _with("ids", data=[1, True, 1, 1, 1, 1]),
+        r"datatype INT64 needs integers, got true/false values",
+    ),
     "float-strings": (_with("x", data=["a"] * 24), r"datatype FP32 needs numbers, got strings"),
     "float-null": (_with("x", data=[None] * 24), r"needs numbers, got values that are not"),
-    "int-range": (_with("ids", data=[2**63] * 6),
-                  r"Input 'ids': values outside the INT64 range"),
+    "int-range": (_with("ids", data=[2**63] * 6), r"Input 'ids': values outside the INT64 range"),
     "float-range": (_with("x", data=[1e39] * 24), r"Input 'x': values outside the FP32 range"),
-    "shared-dim": (_with("mask", shape=[1, 3], data=[True] * 3),
-                   r"Input 'mask': axis 0 \('batch'\) expected 2 \(as in Input 'x'\), got 1"),
-    "outputs-not-list": (body(tensors(feed()), outputs="y"),
-                         r"'outputs' must be a list of objects with a string 'name'"),
-    "unknown-output": (body(tensors(feed()), outputs=[{"name": "zz"}]),
-                       r"unknown output 'zz'; outputs: y"),
+    "shared-dim": (
+        _with("mask", shape=[1, 3], data=[True] * 3),
+        r"Input 'mask': axis 0 \('batch'\) expected 2 \(as in Input 'x'\), got 1",
+    ),
+    "outputs-not-list": (
+        body(tensors(feed()), outputs="y"),
+        r"'outputs' must be a list of objects with a string 'name'",
+    ),
+    "unknown-output": (
+        body(tensors(feed()), outputs=[{"name": "zz"}]),
+        r"unknown output 'zz'; outputs: y",
+    ),
     "bad-id": (body(tensors(feed()), id=7), r"'id' must be a string of at most 256"),
 }
 
@@ -246,8 +313,11 @@ def test_encode_response_is_exact_and_honours_the_request():
 def test_encode_refuses_nonfinite_outputs():
     y = np.ones((1, 2), dtype=np.float32)
     y[0, 1] = np.nan
-    with pytest.raises(RequestError, match=r"output 'y' holds 1 NaN/Inf values, which JSON "
-                                           r"cannot carry") as e:
+    with pytest.raises(
+        RequestError,
+        match=r"output 'y' holds 1 NaN/Inf values, which JSON "
+        r"cannot carry",
+    ) as e:
         encode_infer_response("tiny", {"y": y})
     assert e.value.status == 500
 
@@ -266,12 +336,19 @@ def test_model_metadata_uses_minus_one_for_dynamic_dims():
     assert oip_shape(TensorSpec("p", "float32", (2, "batch", "past + seq"))) == [2, -1, -1]
 
 
-@pytest.mark.parametrize("inputs, outputs, reason", [
-    ((TensorSpec("x", "float32", (3, "seq")),), None, r"'x' has no symbolic dim at axis 0"),
-    (None, (TensorSpec("p", "float32", (2, "batch", "seq")),),
-     r"'p' has 'batch' at axis 1, not at axis 0"),
-    (None, (TensorSpec("n", "float32", ("seq",)),), r"'n' has 'batch' nowhere, not at axis 0"),
-], ids=["static-first", "stacked-cache", "no-batch"])
+@pytest.mark.parametrize(
+    "inputs, outputs, reason",
+    [
+        ((TensorSpec("x", "float32", (3, "seq")),), None, r"'x' has no symbolic dim at axis 0"),
+        (
+            None,
+            (TensorSpec("p", "float32", (2, "batch", "seq")),),
+            r"'p' has 'batch' at axis 1, not at axis 0",
+        ),
+        (None, (TensorSpec("n", "float32", ("seq",)),), r"'n' has 'batch' nowhere, not at axis 0"),
+    ],
+    ids=["static-first", "stacked-cache", "no-batch"],
+)
 def test_batch_dim_says_why_requests_cannot_stack(inputs, outputs, reason):
     dim, why = batch_dim(manifest(inputs, outputs))
     assert dim is None and re.search(reason, why), why
@@ -340,14 +417,22 @@ def test_run_batch_fails_a_bad_request_alone():
     assert results[1] == Failure(400, "Input 'x': expected dtype float32, got float64")
 
 
-@pytest.mark.parametrize("error, status, message", [
-    (ArtifactError("/secret/path/model.onnx: onnxruntime failed on a valid input: boom"), 500,
-     "model 'tiny': onnxruntime failed on a valid input (details in the server log)"),
-    (InputError("Input 'x': odd"), 400, "Input 'x': odd"),
-], ids=["artifact-error-hides-path", "input-error"])
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (
+            ArtifactError("/secret/path/model.onnx: onnxruntime failed on a valid input: boom"),
+            500,
+            "model 'tiny': onnxruntime failed on a valid input (details in the server log)",
+        ),
+        (InputError("Input 'x': odd"), 400, "Input 'x': odd"),
+    ],
+    ids=["artifact-error-hides-path", "input-error"],
+)
 def test_run_batch_turns_runner_errors_into_failures(error, status, message):
-    results = run_batch(FakeRunner(fail=error), [feed(1, 3), feed(1, 3, 1)],
-                        batch_dim="batch", max_rows=4)
+    results = run_batch(
+        FakeRunner(fail=error), [feed(1, 3), feed(1, 3, 1)], batch_dim="batch", max_rows=4
+    )
     assert results == [Failure(status, message)] * 2
 
 
@@ -356,9 +441,13 @@ def test_run_batch_on_a_real_runner_is_bit_exact(served_bundles):
 
     bundle = load_bundle(served_bundles["mha_self"])
     rng = np.random.default_rng(5)
-    feeds = [{"x": rng.standard_normal((b, s, 32)).astype(np.float32),
-              "key_padding_mask": rng.random((b, s)) > 0.8}
-             for b, s in [(1, 7), (2, 7), (1, 7), (3, 2), (1, 7)]]
+    feeds = [
+        {
+            "x": rng.standard_normal((b, s, 32)).astype(np.float32),
+            "key_padding_mask": rng.random((b, s)) > 0.8,
+        }
+        for b, s in [(1, 7), (2, 7), (1, 7), (3, 2), (1, 7)]
+    ]
     with Runner(bundle, reject_nonfinite=True) as runner:
         stacked = run_batch(runner, feeds, batch_dim="batch", max_rows=16)
         for f, got in zip(feeds, stacked, strict=True):

@@ -37,9 +37,12 @@ LEAKS = re.compile(r"Traceback|File \"|\.py\b|/tmp/|site-packages|/root/|/home/"
 
 @pytest.fixture(scope="module")
 def server(served_bundles, tmp_path_factory):
-    srv = ServerProcess([served_bundles[n] for n in SERVED], replicas=REPLICAS,
-                        extra=["--max-body-bytes", str(BODY_CAP)],
-                        log_dir=tmp_path_factory.mktemp("serve_logs"))
+    srv = ServerProcess(
+        [served_bundles[n] for n in SERVED],
+        replicas=REPLICAS,
+        extra=["--max-body-bytes", str(BODY_CAP)],
+        log_dir=tmp_path_factory.mktemp("serve_logs"),
+    )
     yield srv
     srv.kill()  # a no-op after test_stop...; the safety net when that test did not run
 
@@ -64,8 +67,12 @@ def random_feed(manifest, point: dict[str, int], rng) -> dict[str, np.ndarray]:
     return feed
 
 
-POINTS = [{"batch": 1, "seq": 1, "kv_seq": 1}, {"batch": 2, "seq": 7, "kv_seq": 5},
-          {"batch": 1, "seq": 7, "kv_seq": 5}, {"batch": 3, "seq": 16, "kv_seq": 9}]
+POINTS = [
+    {"batch": 1, "seq": 1, "kv_seq": 1},
+    {"batch": 2, "seq": 7, "kv_seq": 5},
+    {"batch": 1, "seq": 7, "kv_seq": 5},
+    {"batch": 3, "seq": 16, "kv_seq": 9},
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +89,11 @@ def cases(runners):
 
 def exact(got: dict, want: dict) -> bool:
     return list(got) == list(want) and all(
-        got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
-        and got[k].tobytes() == want[k].tobytes() for k in want)
+        got[k].dtype == want[k].dtype
+        and got[k].shape == want[k].shape
+        and got[k].tobytes() == want[k].tobytes()
+        for k in want
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,9 +107,10 @@ def test_health_and_metadata(server):
     assert c.server_metadata()["name"] == "attnx"
     meta = c.metadata("mha_self")
     assert meta["name"] == "mha_self" and meta["versions"] == ["1"]
-    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, -1, 32]},
-                              {"name": "key_padding_mask", "datatype": "BOOL",
-                               "shape": [-1, -1]}]
+    assert meta["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, -1, 32]},
+        {"name": "key_padding_mask", "datatype": "BOOL", "shape": [-1, -1]},
+    ]
     assert c.metadata("sdpa")["attnx"]["dims"]["kv_seq"] == [1, 256]
     assert c.request("GET", "/v2/models/nope/ready")[0] == 404
 
@@ -134,10 +145,13 @@ def test_concurrent_load_is_exact(server, cases, request):
     wall = time.perf_counter() - started
     assert all(ok for ok, _ in results)
     latencies = np.array([s for _, s in results]) * 1e3
-    report_line(request.config, f"load: {LOAD_REQUESTS} requests from {LOAD_CLIENTS} clients, "
-                f"{REPLICAS} replicas per model: 0 errors, all exact; "
-                f"{LOAD_REQUESTS / wall:.0f} req/s, p50 {np.percentile(latencies, 50):.1f} ms, "
-                f"p99 {np.percentile(latencies, 99):.1f} ms")
+    report_line(
+        request.config,
+        f"load: {LOAD_REQUESTS} requests from {LOAD_CLIENTS} clients, "
+        f"{REPLICAS} replicas per model: 0 errors, all exact; "
+        f"{LOAD_REQUESTS / wall:.0f} req/s, p50 {np.percentile(latencies, 50):.1f} ms, "
+        f"p99 {np.percentile(latencies, 99):.1f} ms",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,31 +170,66 @@ def mha_body(**changes) -> bytes:
 
 
 REFUSALS = {
-    "malformed-json": ("POST", "/v2/models/mha_self/infer", b'{"inputs": [', 400,
-                       r"request body is not valid JSON \(Expecting value at line 1 column 13\)"),
-    "wrong-dtype": ("POST", "/v2/models/mha_self/infer", mha_body(datatype="FP64"), 400,
-                    r"Input 'x': expected datatype FP32, got 'FP64'"),
-    "wrong-values": ("POST", "/v2/models/mha_self/infer", mha_body(data=[1] * 63 + [True]),
-                     400, r"Input 'x': datatype FP32 needs numbers, got true/false values"),
-    "wrong-shape": ("POST", "/v2/models/mha_self/infer",
-                    mha_body(shape=[1, 2, 31], data=[0.5] * 62), 400,
-                    r"Input 'x': axis 2 expected 32, got 31"),
-    "seq-above-max": ("POST", "/v2/models/mha_self/infer",
-                      mha_body(shape=[1, 300, 32], data=[0.0] * 9600), 400,
-                      r"Input 'x': axis 1 \('seq'\) expected 1..256, got 300 \(above the max"),
-    "unknown-model": ("POST", "/v2/models/nope/infer", mha_body(), 404,
-                      r"unknown model 'nope'; served models: mha_self, sdpa"),
+    "malformed-json": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        b'{"inputs": [',
+        400,
+        r"request body is not valid JSON \(Expecting value at line 1 column 13\)",
+    ),
+    "wrong-dtype": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        mha_body(datatype="FP64"),
+        400,
+        r"Input 'x': expected datatype FP32, got 'FP64'",
+    ),
+    "wrong-values": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        mha_body(data=[1] * 63 + [True]),
+        400,
+        r"Input 'x': datatype FP32 needs numbers, got true/false values",
+    ),
+    "wrong-shape": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        mha_body(shape=[1, 2, 31], data=[0.5] * 62),
+        400,
+        r"Input 'x': axis 2 expected 32, got 31",
+    ),
+    "seq-above-max": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        mha_body(shape=[1, 300, 32], data=[0.0] * 9600),
+        400,
+        r"Input 'x': axis 1 \('seq'\) expected 1..256, got 300 \(above the max",
+    ),
+    "unknown-model": (
+        "POST",
+        "/v2/models/nope/infer",
+        mha_body(),
+        404,
+        r"unknown model 'nope'; served models: mha_self, sdpa",
+    ),
     "unknown-endpoint": ("GET", "/v2/repository/index", b"", 404, r"no such endpoint"),
     "get-infer": ("GET", "/v2/models/mha_self/infer", b"", 405, r"takes POST, not 'GET'"),
-    "oversize": ("POST", "/v2/models/mha_self/infer", b" " * (BODY_CAP + 1), 413,
-                 rf"request body is {BODY_CAP + 1} bytes, above the limit of {BODY_CAP} bytes"),
+    "oversize": (
+        "POST",
+        "/v2/models/mha_self/infer",
+        b" " * (BODY_CAP + 1),
+        413,
+        rf"request body is {BODY_CAP + 1} bytes, above the limit of {BODY_CAP} bytes",
+    ),
 }
 
 
-@pytest.mark.parametrize("method, path, body, status, message", list(REFUSALS.values()),
-                         ids=list(REFUSALS))
-def test_bad_requests_get_the_right_status_and_a_clear_message(server, served_bundles, method,
-                                                               path, body, status, message):
+@pytest.mark.parametrize(
+    "method, path, body, status, message", list(REFUSALS.values()), ids=list(REFUSALS)
+)
+def test_bad_requests_get_the_right_status_and_a_clear_message(
+    server, served_bundles, method, path, body, status, message
+):
     got, raw = server.client.request(method, path, body or None)
     assert got == status
     text = json.loads(raw)["error"]
@@ -195,19 +244,27 @@ def test_oversize_chunked_body_without_length_is_refused(server):
     conn.request("POST", "/v2/models/mha_self/infer", body=chunks, encode_chunked=True)
     response = conn.getresponse()
     assert response.status == 413
-    assert json.loads(response.read())["error"] == \
-        f"request body is above the limit of {BODY_CAP} bytes"
+    assert (
+        json.loads(response.read())["error"]
+        == f"request body is above the limit of {BODY_CAP} bytes"
+    )
     conn.close()
 
 
 def test_binary_tensor_extension_is_refused(server):
     req = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    req.request("POST", "/v2/models/mha_self/infer", body=b"{}",
-                headers={"Inference-Header-Content-Length": "2"})
+    req.request(
+        "POST",
+        "/v2/models/mha_self/infer",
+        body=b"{}",
+        headers={"Inference-Header-Content-Length": "2"},
+    )
     response = req.getresponse()
     assert response.status == 400
-    assert "binary tensor data is not supported; send JSON tensors" in \
-        json.loads(response.read())["error"]
+    assert (
+        "binary tensor data is not supported; send JSON tensors"
+        in json.loads(response.read())["error"]
+    )
     req.close()
 
 
@@ -249,9 +306,12 @@ def test_a_replica_killed_during_load_is_replaced_and_no_answer_is_wrong(server,
             break
         time.sleep(0.5)
     replaced = server.replicas("mha_self")
-    report_line(request.config, f"replica kill: SIGKILL of 1 of {REPLICAS} mha_self replicas "
-                f"after {KILL_AFTER} of {KILL_REQUESTS} requests ({KILL_CLIENTS} clients): "
-                f"{counts}; replicas {before} -> {replaced}")
+    report_line(
+        request.config,
+        f"replica kill: SIGKILL of 1 of {REPLICAS} mha_self replicas "
+        f"after {KILL_AFTER} of {KILL_REQUESTS} requests ({KILL_CLIENTS} clients): "
+        f"{counts}; replicas {before} -> {replaced}",
+    )
     assert not [k for k in counts if k.startswith(("WRONG", "ERROR"))], counts
     assert all(k in ("ok", "retryable 503") for k in counts), counts
     assert len(replaced) == REPLICAS and victim not in replaced, (before, replaced)
@@ -266,8 +326,11 @@ def test_a_replica_killed_during_load_is_replaced_and_no_answer_is_wrong(server,
 def test_stop_leaves_no_process_behind_and_closes_the_port(server, request):
     started = time.monotonic()
     report = server.stop()
-    report_line(request.config, f"stop: exit {report['exit']} in "
-                f"{time.monotonic() - started:.1f} s, {len(server.processes)} processes "
-                f"tracked, {len(report['left'])} left")
+    report_line(
+        request.config,
+        f"stop: exit {report['exit']} in "
+        f"{time.monotonic() - started:.1f} s, {len(server.processes)} processes "
+        f"tracked, {len(report['left'])} left",
+    )
     assert report == {"exit": 0, "left": [], "port_open": False}, report
     assert "stopped" in server.log_text()
