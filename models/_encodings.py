@@ -273,28 +273,22 @@ class ShawRelativePosition(_ScoreBias):
         dist = relative_distances(s, s_kv, device)  # [s, s_kv]
         return dist.clamp(-self.max_distance, self.max_distance) + self.max_distance
 
-    def _ids(self, s: int, s_kv: int, device) -> torch.Tensor:
-        """[s + s_kv - 1]: the table row of each relative distance, in skew order."""
+    def _rows(self, table: nn.Embedding, s: int, s_kv: int, device) -> torch.Tensor:
+        """[s + s_kv - 1, h_d]: the table row of each relative distance, in skew order."""
         dist = skew_distances(s, s_kv, device).clamp(-self.max_distance, self.max_distance)
-        return dist + self.max_distance
-
-    # Both terms work on the 2k + 1 table rows, not on one row per distance: the matmuls shrink
-    # from s + s_kv - 1 columns to 2k + 1, leaving a gather and a bucket sum of the skewed rows.
+        return table(dist + self.max_distance)
 
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h_kv, s_kv, h_d] -> bias [b, h, s, s_kv] (scaled)."""
         s, s_kv = q.shape[2], k.shape[2]
-        per_row = q @ self.key_table.weight.to(q.dtype).T  # [b, h, s, 2k + 1]
-        per_distance = per_row.index_select(-1, self._ids(s, s_kv, q.device))  # [b, h, s, L]
-        return skew(per_distance, s_kv) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
+        a_k = self._rows(self.key_table, s, s_kv, q.device).to(q.dtype)  # [s + s_kv - 1, h_d]
+        return skew(q @ a_k.T, s_kv) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
 
     def value_term(self, probs: torch.Tensor) -> torch.Tensor:
         """probs: [b, h, s, s_kv] -> [b, h, s, h_d]."""
         s, s_kv = probs.shape[2], probs.shape[3]
-        rows = self.value_table.weight.shape[0]
-        to_row = F.one_hot(self._ids(s, s_kv, probs.device), rows).to(probs.dtype)  # [L, 2k + 1]
-        per_row = unskew(probs) @ to_row  # [b, h, s, 2k + 1]: each row's share of attention
-        return per_row @ self.value_table.weight.to(probs.dtype)  # [b, h, s, h_d]
+        a_v = self._rows(self.value_table, s, s_kv, probs.device).to(probs.dtype)
+        return unskew(probs) @ a_v  # [b, h, s, s + s_kv - 1] @ [s + s_kv - 1, h_d]
 
 
 class TransformerXLRelativeBias(_ScoreBias):
