@@ -162,12 +162,17 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
         tol = build.tolerance["float32"]
         parity = measure("y", out, reference.numpy(), atol=tol.atol, rtol=tol.rtol)
         errors[name], passed[name] = parity.max_abs, parity.passed
+        del out
         if first_ms > max(SLOW_RATIO * eager, 1e3 * budget_s):
             variants[name] = first_ms  # far off the pace: one call says enough
             once.append(name)
-        else:
+            continue
+        try:
             variants[name] = median_ms(lambda s=sess: s.run(None, arrays), budget_s)
-        del sess, out
+        except Exception as err:  # noqa: BLE001 (a later call can still run out of memory)
+            failed[name] = _first_line(err)
+            variants.pop(name, None)
+        del sess
     # The best is the fastest variant that is exact to the block's own tolerance here too.
     strict = {n: ms for n, ms in variants.items() if n not in LOSSY and passed[n]}
     best = min(strict, key=strict.get) if strict else None
@@ -417,6 +422,11 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-seq", default="4096,8192")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="bench", help="result file stem")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="re-measure the named entries in an existing result file, keeping the others",
+    )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -431,10 +441,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
     limit_address_space()
+    earlier = _earlier(out / f"{args.name}.json", names) if args.update else {}
     gemm_before = gemm_gflops(args.threads)
     memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
-                          args.threads) if args.memory else []
-    rows = []
+                          args.threads) if args.memory else earlier.get("memory", [])
+    rows = list(earlier.get("rows", []))
+    args.earlier_meta = earlier.get("meta")
     for name in names:
         rows += bench_entry(
             registry[name],
@@ -454,9 +466,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _earlier(path: Path, names: list[str]) -> dict:
+    """The result file's rows for entries other than names (which are measured again)."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    earlier["rows"] = [r for r in earlier["rows"] if r["entry"] not in names]
+    return earlier
+
+
 def write(out: Path, args, argv, rows, memory, gemm_before: float, gemm_after: float) -> None:
+    order = {name: i for i, name in enumerate(zoo.names())}
+    rows = sorted(rows, key=lambda r: order[r["entry"]])  # stable: grid order within an entry
+    command = "python benchmarks/bench.py " + " ".join(argv or sys.argv[1:])
+    earlier = getattr(args, "earlier_meta", None)
+    if earlier:  # an --update run: the table holds rows of both runs, each against its GEMM
+        command = f"{earlier['command']}; then {command}"
+        gemm_before = max(gemm_before, earlier["gemm_gflops"])
     meta = {
-        "command": "python benchmarks/bench.py " + " ".join(argv or sys.argv[1:]),
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
