@@ -9,7 +9,7 @@ Everything is measured in one process with the same inputs and the same thread c
 eager (torch.set_num_threads) and every CPU variant (onnxruntime intra-op threads). Each timing
 is a median; ratios are variant / eager (below 1 is faster). FLOPs come from torch's
 FlopCounterMode on the eager forward; the GEMM ceiling is a 4096^3 matmul measured in the same
-run. Writes benchmarks/results/bench.json, bench.md and latency_vs_seq.png.
+run. Writes benchmarks/results/bench.json, bench.md and bench_latency_vs_seq.png.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ BENCH_SIZE = zoo.Size(d=512, heads=8, max_seq=8192, max_batch=8, vocab=4096, win
 TARGET_RATIO = 0.8  # the best passing variant at most 0.8x eager ...
 TARGET_GEMM = 0.85  # ... or at 85% of the measured GEMM rate
 GEMM_N = 4096
+VARIANT_COLORS = {"base": "C0", "attention23": "C1", "fused": "C3", "int8": "C2"}
 SLOW_RATIO = 3.0  # a variant whose first call takes this many times eager's (and over the
 # timing budget) is timed once: at batch 8, seq 4096 such calls take 10-20 s each
 
@@ -385,8 +386,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    entries = list(dict.fromkeys(r["entry"] for r in rows))
+    order = {name: i for i, name in enumerate(zoo.names())}
+    entries = sorted(dict.fromkeys(r["entry"] for r in rows), key=order.get)
     cols = 4
     nrows = (len(entries) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
@@ -394,10 +397,10 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = [r for r in rows if r["entry"] == entry and r["point"].get("batch") == 1]
         seqs = [r["point"]["seq"] for r in sel]
         ax.plot(seqs, [r["eager_ms"] for r in sel], "k-o", label="torch eager")
-        for name in ("base", "attention23", "fused", "int8"):
-            ys = [r["variants_ms"].get(name) for r in sel]
+        for name, color in VARIANT_COLORS.items():
+            ys = [r.get("variants_ms", {}).get(name) for r in sel]
             if any(y is not None for y in ys):
-                ax.plot(seqs, ys, "-o", label=name, markersize=3)
+                ax.plot(seqs, ys, "-o", color=color, label=name, markersize=3)
         ax.set_title(f"{entry} (batch 1)", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -406,8 +409,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(entries):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend for every panel: a variant keeps its colour wherever it appears.
+    handles = [Line2D([], [], color="k", marker="o", label="torch eager")] + [
+        Line2D([], [], color=c, marker="o", markersize=3, label=n)
+        for n, c in VARIANT_COLORS.items()
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
 
 
