@@ -303,48 +303,26 @@ def _blocked_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _python(args: list[str], env, cwd: Path, timeout: int = 60) -> subprocess.CompletedProcess:
+    """`python ARGS` in a subprocess with env, text output captured."""
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_cli_works_where_torch_cannot_be_imported(tiny_bundle_ext, tmp_path):
     env = _blocked_env(tmp_path)
-    python = [sys.executable]
-    sanity = subprocess.run(
-        [*python, "-c", "import torch"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    sanity = _python(["-c", "import torch"], env, tmp_path)
     assert "torch is blocked here" in sanity.stderr  # the blocker works
 
-    verify = subprocess.run(
-        [*python, "-m", "runtime", "verify", str(tiny_bundle_ext)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    verify = _python(["-m", "runtime", "verify", str(tiny_bundle_ext)], env, tmp_path, 120)
     assert verify.returncode == 0, verify.stderr
     assert verify.stdout.splitlines()[-1] == "PASSED"
 
     out = tmp_path / "out.npz"
-    run = subprocess.run(
-        [
-            *python,
-            "-m",
-            "runtime",
-            "run",
-            str(tiny_bundle_ext),
-            *_inputs(tmp_path, tiny_bundle_ext),
-            "--out",
-            str(out),
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    inputs = _inputs(tmp_path, tiny_bundle_ext)
+    args = ["-m", "runtime", "run", str(tiny_bundle_ext), *inputs, "--out", str(out)]
+    run = _python(args, env, tmp_path, 120)
     assert run.returncode == 0, run.stderr
     assert "y: float32 [2, 5, 8]" in run.stdout and out.exists()
 
@@ -357,14 +335,7 @@ def test_importing_runtime_imports_no_torch(tmp_path):
         "print(bad)"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _python(["-c", code], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
@@ -376,23 +347,9 @@ def test_reading_and_inspecting_needs_no_onnxruntime(tiny_bundle_ext, tmp_path):
         f"import runtime; b = runtime.load_bundle({str(tiny_bundle_ext)!r}); "
         f"print(b.manifest.name, len(b.golden))"
     )
-    read = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    read = _python(["-c", code], env, tmp_path)
     assert read.returncode == 0, read.stderr
     assert read.stdout.strip() == "tiny 2"
-    inspect = subprocess.run(
-        [sys.executable, "-m", "runtime", "inspect", str(tiny_bundle_ext)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    inspect = _python(["-m", "runtime", "inspect", str(tiny_bundle_ext)], env, tmp_path)
     assert inspect.returncode == 0, inspect.stderr
     assert "ops: Add 1, MatMul 1, Softmax 1, Unsqueeze 1" in inspect.stdout
