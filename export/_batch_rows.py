@@ -16,8 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-GQA = ("com.microsoft", "GroupQueryAttention")
-FLOAT = onnx.TensorProto.FLOAT
+from ._head_groups import FLOAT, GQA
 
 
 def rows_for_cached_prompts(model: onnx.ModelProto) -> onnx.ModelProto:

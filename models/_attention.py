@@ -25,9 +25,8 @@ from models._encodings import (
     T5RelativeBias,
     TransformerXLRelativeBias,
     _ScoreBias,
-    relative_distances,
 )
-from models._kernels import _has_valid_key, cached_attention, repeat_kv, routing
+from models._kernels import _has_valid_key, allowed_mask, cached_attention, repeat_kv, routing
 from models._kernels import attention as kernel_attention
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
@@ -224,7 +223,8 @@ class MultiHeadAttention(nn.Module):
 
     def _kernel_serves(self) -> bool:
         """Whether models._kernels.attention has this attention's semantics (without a cache):
-        any mask it takes is causal, a causal window or key padding, any bias causal ALiBi."""
+        any mask is causal, a causal window or key padding; any score bias is causal and adds
+        nothing to the values."""
         pos = self.pos_embeddings
         if isinstance(pos, _ScoreBias):
             # The causal kernel takes a score bias as an input; the bidirectional one cannot
@@ -289,19 +289,7 @@ class MultiHeadAttention(nn.Module):
 
     def _allowed(self, s, s_kv, key_padding_mask, device) -> torch.Tensor | None:
         """bool [b|1, 1, s, s_kv], True where query i may attend to key j; None for all."""
-        allowed = None
-        if self.causal or self.window is not None:
-            dist = relative_distances(s, s_kv, device)  # [s, s_kv], j - (p + i)
-            allowed = torch.ones_like(dist, dtype=torch.bool)
-            if self.causal:
-                allowed = dist <= 0
-            if self.window is not None:
-                allowed = allowed & (dist.abs() < self.window)
-            allowed = allowed[None, None]  # [1, 1, s, s_kv]
-        if key_padding_mask is not None:
-            keep = ~key_padding_mask[:, None, None, :]  # [b, 1, 1, s_kv]
-            allowed = keep if allowed is None else allowed & keep
-        return allowed
+        return allowed_mask(s, s_kv, key_padding_mask, self.causal, self.window, device)
 
 
 def _check_heads(embed_dim: int, num_heads: int, num_kv_heads: int) -> None:

@@ -4,7 +4,8 @@ In eager mode these are plain torch. Inside ``ort_kernels()`` the attention core
 custom op ``attnx::attention``, which the exporter's ``fused`` variant lowers to onnxruntime
 kernels that never materialize an s x s score, mask or bias tensor: GroupQueryAttention for
 causal attention (it skips the masked half) and MultiHeadAttention's flash path otherwise.
-Padding and causal ALiBi reach those kernels as extra head dimensions (export/_kernels_onnx.py).
+Key padding reaches those kernels as an extra head dimension, a causal score bias (ALiBi, T5,
+Transformer-XL) as GroupQueryAttention's bias input (export/_kernels_onnx.py).
 
 The core works in the projections' layout, [b, s, heads, h_d], so neither the model nor the
 lowering transposes q, k, v or the output: at long sequences each transpose is a copy.
@@ -48,8 +49,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.reshape(b, h_kv * n_rep, s_kv, h_d)  # [b, h, s_kv, h_d]
 
 
-def _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, device):
-    """bool (True = attend) or float (added) mask [b|1, h|1, s, s_kv], or None for none."""
+def allowed_mask(s, s_kv, key_padding_mask, causal: bool, window, device) -> torch.Tensor | None:
+    """bool [b|1, 1, s, s_kv], True where query i (at position s_kv - s + i) may attend to key
+    j under a causal mask, a window (keys less than ``window`` positions away) and key padding
+    (True = padded); None when all may."""
     allowed = None
     if causal or window:
         dist = relative_distances(s, s_kv, device)  # [s, s_kv], j - (p + i)
@@ -60,6 +63,12 @@ def _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, device):
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # [b, 1, 1, s_kv]
         allowed = keep if allowed is None else allowed & keep
+    return allowed
+
+
+def _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, device):
+    """bool (True = attend) or float (added) mask [b|1, h|1, s, s_kv], or None for none."""
+    allowed = allowed_mask(s, s_kv, key_padding_mask, causal, window, device)
     if score_bias is None:
         return allowed
     return score_bias if allowed is None else score_bias.masked_fill(~allowed, float("-inf"))
@@ -151,7 +160,7 @@ def _cached_reference(q, k, v, past_key, past_value):
     keys, values = repeat_kv(present_key, n_rep), repeat_kv(present_value, n_rep)
     q = q.transpose(1, 2)  # [b, h, s, h_d]
     # Bottom-right causal: query i sits at position p + i, so every row has a key.
-    allowed = relative_distances(q.shape[2], keys.shape[2], q.device) <= 0  # [s, p + s]
+    allowed = allowed_mask(q.shape[2], keys.shape[2], None, True, None, q.device)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
     return out.transpose(1, 2).contiguous(), present_key, present_value
 
