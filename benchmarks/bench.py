@@ -167,13 +167,12 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
         if first_ms > max(SLOW_RATIO * eager, 1e3 * budget_s):
             variants[name] = first_ms  # far off the pace: one call says enough
             once.append(name)
-            continue
-        try:
-            variants[name] = median_ms(lambda s=sess: s.run(None, arrays), budget_s)
-        except Exception as err:  # noqa: BLE001 (a later call can still run out of memory)
-            failed[name] = _first_line(err)
-            variants.pop(name, None)
-        del sess
+        else:
+            try:
+                variants[name] = median_ms(lambda s=sess: s.run(None, arrays), budget_s)
+            except Exception as err:  # noqa: BLE001 (a later call can still run out of memory)
+                failed[name] = _first_line(err)
+        del sess  # before the next variant's session exists: one alive at a time
     # The best is the fastest variant that is exact to the block's own tolerance here too.
     strict = {n: ms for n, ms in variants.items() if n not in LOSSY and passed[n]}
     best = min(strict, key=strict.get) if strict else None
