@@ -115,8 +115,7 @@ def point_for(entry, batch: int, seq: int) -> dict[str, int]:
 def bench_entry(entry, batches, seqs, threads: int, budget_s: float, gemm: float) -> list[dict]:
     spec = spec_from_zoo(entry)
     start = time.perf_counter()
-    small = [dict(spec.example), {d: max(lo, 1) for d, (lo, hi) in spec.dims.items()}]
-    result = run_pipeline(spec, out=None, grid=small)  # parity at benchmark scale too
+    result = run_pipeline(spec, out=None, grid=small_grid(spec))  # parity at benchmark scale
     export_s = time.perf_counter() - start
     builds = {n: b for n, b in result.variants.items() if CPU in b.providers}
     session_ms = {name: session(b.model, threads)[1] for name, b in builds.items()}
@@ -135,6 +134,20 @@ def bench_entry(entry, batches, seqs, threads: int, budget_s: float, gemm: float
             )
             print(_line(rows[-1]), flush=True)
     return rows
+
+
+def small_grid(spec) -> list[dict[str, int]]:
+    """Parity at benchmark scale on the example and the smallest sizes: the full grid of a
+    d_model 512 block up to seq 8192 would take longer than the benchmark."""
+    return [dict(spec.example), {d: max(lo, 1) for d, (lo, hi) in spec.dims.items()}]
+
+
+def write_bundles(entries, folder: Path) -> int:
+    for entry in entries:
+        spec = spec_from_zoo(entry)
+        result = run_pipeline(spec, out=folder, grid=small_grid(spec))
+        print(f"{entry.name}: {', '.join(result.variants)} -> {folder / entry.name}")
+    return 0
 
 
 def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
@@ -434,19 +447,27 @@ def main(argv=None) -> int:
         action="store_true",
         help="re-measure the named entries in an existing result file, keeping the others",
     )
+    parser.add_argument(
+        "--bundles",
+        metavar="DIR",
+        help="write the named entries at benchmark size as bundles to DIR (for `attnx bench "
+        "--vs-torch` elsewhere, e.g. on CUDA) and time nothing",
+    )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         entry, variant, batch, seq, threads = args.memory_child
         memory_child(entry, variant, int(batch), int(seq), int(threads))
         return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     registry = zoo.scaled(BENCH_SIZE)
     names = [n for n in args.entries.split(",") if n]
     unknown = [n for n in names if n not in registry]
     if unknown:
         parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
+    if args.bundles:
+        return write_bundles([registry[n] for n in names], Path(args.bundles))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     limit_address_space()
     earlier = _earlier(out / f"{args.name}.json", names) if args.update else {}
     gemm_before = gemm_gflops(args.threads)

@@ -8,6 +8,9 @@ Each variant is a separate ONNX file with its own providers, tolerance and parit
 - ``fused``: captured with attnx's kernel routing (models._kernels: pure causal attention ->
   com.microsoft.GroupQueryAttention, which never materializes the s x s mask), then
   onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNormalization, BiasGelu...).
+  For the CPU: onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so on CUDA
+  the float32 graph's kernels and Loops fall back to the CPU (21.5x torch at seq 4096 on an
+  H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
 - ``int8``: dynamic int8 quantization of the fused graph's MatMuls (weights per channel).
 - ``fp16``: the fused graph in float16 with float32 inputs and outputs, for CUDA only.
 
@@ -35,6 +38,8 @@ from ._spec import ExportSpec
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ALL_PROVIDERS = (CPU, CUDA)
+# The fused graph's float32 kernels are CPU kernels (see the module docstring).
+FUSED_PROVIDERS = (CPU,)
 
 ATTENTION_OPSET = 23
 # Dynamic int8 quantizes activations per tensor at run time; on outputs of order 1-5 it is off
@@ -142,7 +147,8 @@ def build_variants(
     kernels = base
     if {"fused", "int8", "fp16"} & set(wanted):
         kernels = _fused(spec, base, opset)
-        _keep(builds, "fused", VariantBuild(_long(spec, kernels), ALL_PROVIDERS, tolerance, "base"))
+        fused = VariantBuild(_long(spec, kernels), FUSED_PROVIDERS, tolerance, "base")
+        _keep(builds, "fused", fused)
     source = builds.get("fused", builds["base"])
     if "int8" in wanted:
         # From the graph before the head-group Loop, whose gathered weights are no constant

@@ -139,4 +139,17 @@ def test_bench_vs_torch_times_both_on_the_same_inputs(tmp_path, capsys):
     assert code == 0
     last = out.strip().splitlines()[-1]
     assert last.startswith("causal_self vs torch at batch=2, seq=33")
-    assert "torch eager p50" in last and "ratio" in last
+    assert "torch eager on cpu p50" in last and "fused on cpu p50" in last and "ratio" in last
+
+
+def test_vs_torch_runs_torch_where_onnxruntime_runs(monkeypatch):
+    import torch
+
+    from export._cli import _torch_device
+
+    assert _torch_device(onnx_on_cuda=False) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _torch_device(onnx_on_cuda=True) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # a CPU-only torch against onnxruntime on CUDA is still timed, on the CPU
+    assert _torch_device(onnx_on_cuda=True) == "cpu"

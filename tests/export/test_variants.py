@@ -63,6 +63,18 @@ def test_fp16_is_for_cuda_only(zoo_bundles):
     assert fp16["tolerance"]["float32"]["atol"] == 2e-2
 
 
+def test_fused_is_for_cpu_and_cuda_gets_base_attention23_fp16(zoo_bundles):
+    # onnxruntime's CUDA GroupQueryAttention takes no float32: fused would fall back to the CPU
+    manifest = _manifest(zoo_bundles, "gqa_rope")
+    providers = {v["name"]: v["providers"] for v in manifest["variants"]}
+    assert providers["fused"] == ["CPUExecutionProvider"]
+    cuda = [name for name, p in providers.items() if "CUDAExecutionProvider" in p]
+    assert cuda == ["base", "attention23", "fp16"]
+    bundle = load_bundle(zoo_bundles["gqa_rope"])
+    # no CUDA medians from a CPU export: the most rewritten exact variant, attention23
+    assert choose_variant(bundle.manifest, "CUDAExecutionProvider").name == "attention23"
+
+
 def test_runner_picks_the_fastest_variant_that_passed(zoo_bundles):
     bundle = load_bundle(zoo_bundles["gqa_rope"])
     manifest = bundle.manifest

@@ -20,7 +20,7 @@ from runtime import (
     load_bundle,
     resolve_provider,
 )
-from runtime._session import create_session
+from runtime._session import create_session, execution_providers
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 ATOL, RTOL = 1e-5, 1e-4
@@ -108,6 +108,12 @@ def test_cpu_and_auto(bundle, kit):
         assert r.session.get_providers() == [CPU]
 
 
+def test_cuda_sessions_keep_float32_out_of_tf32():
+    # TF32 put fp32 variants 4e-4 off torch on an H100 (benchmarks/results/gpu/)
+    assert execution_providers(CUDA) == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert execution_providers(CPU) == [CPU]
+
+
 def test_unknown_provider(bundle):
     with pytest.raises(
         ProviderError,
@@ -143,12 +149,23 @@ def _with_parity(manifest: Manifest, **passed) -> Manifest:
     return dataclasses.replace(manifest, parity=parity)
 
 
-def test_choose_variant_prefers_first_that_passed(bundle):
+def test_choose_variant_prefers_fastest_that_passed(bundle):
     m = bundle.manifest
     assert choose_variant(m, CPU).name == "base"
     assert choose_variant(_with_parity(m, base=False), CPU).name == "alt"
     # Never measured on CUDA: allowed (verify checks it there); alt is not meant for CUDA.
     assert choose_variant(m, CUDA).name == "base"
+
+
+def test_unmeasured_variants_rank_most_rewritten_first(bundle):
+    m = bundle.manifest
+    both = (CPU, CUDA)
+    m = dataclasses.replace(
+        m, variants=tuple(dataclasses.replace(v, providers=both) for v in m.variants)
+    )
+    # No CUDA medians in a bundle exported on a CPU machine: the later-listed variant wins.
+    assert [v.name for v in m.variants] == ["base", "alt"]
+    assert choose_variant(m, CUDA).name == "alt"
 
 
 def test_no_variant_passed(bundle):
