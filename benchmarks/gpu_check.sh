@@ -53,7 +53,8 @@ tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$site', filter='
 step providers 60 python3 -c "import onnxruntime as o, torch
 print(o.__file__, o.__version__, o.get_available_providers())
 print('torch', torch.__version__, torch.cuda.is_available())"
-bundles=$(for e in causal_self gqa_rope mha_self encoder_layer decoder_lm; do echo "$art/$e"; done)
+entries="causal_self gqa_rope mha_self encoder_layer decoder_lm sliding_window"
+bundles=$(for e in $entries; do echo "$art/$e"; done)
 big=$gpu/bench/causal_self  # d_model 512, 8 heads, seq up to 8192
 # verify runs every variant meant for the provider: on CUDA base, attention23, fused and fp16.
 step verify_cuda 180 attnx verify $bundles "$big" --provider cuda --junit "$out/verify_cuda.xml"

@@ -17,15 +17,22 @@ python_version=${GPU_PYTHON:-3.12}
 piece=${GPU_PIECE:-40M}
 gpu=.gpu
 grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >>.git/info/exclude
-rm -rf "$gpu"
-mkdir -p "$gpu/wheel" "$gpu/unpacked"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" \
-  --implementation cp --platform manylinux_2_28_x86_64 -d "$gpu/wheel" \
-  "onnxruntime-gpu==$version"
-(cd "$gpu/unpacked" && unzip -q ../wheel/*.whl)
-tar cf - -C "$gpu/unpacked" . | xz -9 -T0 | split -b "$piece" -d - "$gpu/ort.tar.xz.part"
-cat "$gpu"/ort.tar.xz.part* | sha256sum | cut -d' ' -f1 >"$gpu/ort.tar.xz.sha256"
-rm -rf "$gpu/wheel" "$gpu/unpacked"
-attnx export causal_self gqa_rope mha_self encoder_layer decoder_lm --out "$gpu/artifacts"
+mkdir -p "$gpu"
+wheel_id="onnxruntime-gpu==$version cp$python_version $piece"
+if [ "$(cat "$gpu/ort.id" 2>/dev/null)" != "$wheel_id" ]; then  # pieces made once per wheel
+  rm -rf "$gpu"/ort.* "$gpu/wheel" "$gpu/unpacked"
+  mkdir -p "$gpu/wheel" "$gpu/unpacked"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" \
+    --implementation cp --platform manylinux_2_28_x86_64 -d "$gpu/wheel" \
+    "onnxruntime-gpu==$version"
+  (cd "$gpu/unpacked" && unzip -q ../wheel/*.whl)
+  tar cf - -C "$gpu/unpacked" . | xz -9 -T0 | split -b "$piece" -d - "$gpu/ort.tar.xz.part"
+  cat "$gpu"/ort.tar.xz.part* | sha256sum | cut -d' ' -f1 >"$gpu/ort.tar.xz.sha256"
+  rm -rf "$gpu/wheel" "$gpu/unpacked"
+  echo "$wheel_id" >"$gpu/ort.id"
+fi
+rm -rf "$gpu/artifacts" "$gpu/bench"
+attnx export causal_self gqa_rope mha_self encoder_layer decoder_lm sliding_window \
+  --out "$gpu/artifacts"
 python3 benchmarks/bench.py --entries causal_self --bundles "$gpu/bench"
 du -sh "$gpu"/*

@@ -208,7 +208,7 @@ def _repeat_heads(x, n_rep: int, kv_heads: int, head_dim: int):
     return op.Reshape(x, _ints(0, 0, kv_heads * n_rep, head_dim))
 
 
-def _rows_with_a_key(key_padding_mask, causal: bool, window: int):
+def rows_with_a_key(key_padding_mask, causal: bool, window: int):
     """bool, True where a query row has at least one unpadded key it may attend to:
     [b, 1, 1, 1] for bidirectional attention, [b, s, 1, 1] for causal (s == s_kv)."""
     keep = op.Cast(op.Not(key_padding_mask), to=FLOAT)  # [b, s_kv]
@@ -239,7 +239,7 @@ def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, win
         out = _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim)
     if key_padding_mask is None:
         return out
-    valid = _rows_with_a_key(key_padding_mask, causal, window)
+    valid = rows_with_a_key(key_padding_mask, causal, window)
     return op.Where(valid, out, op.Constant(value_float=0.0))
 
 

@@ -3,15 +3,18 @@
 Each variant is a separate ONNX file with its own providers, tolerance and parity records:
 
 - ``base``: the exporter's graph at the chosen opset (18 by default).
-- ``attention23``: captured at opset 23, where torch lowers scaled_dot_product_attention to the
-  native ONNX ``Attention`` op (onnxruntime >= 1.23).
+- ``attention23``: native ONNX ops: captured at opset 23, where torch lowers
+  scaled_dot_product_attention to ONNX ``Attention`` (onnxruntime >= 1.23), with rotary
+  embeddings as ``RotaryEmbedding``-23 and causal sliding windows as ``Attention``-25's
+  ``left_window_size`` (the graph is then opset 25; models/_native.py).
 - ``fused``: captured with attnx's kernel routing (models._kernels: pure causal attention ->
   com.microsoft.GroupQueryAttention, which never materializes the s x s mask), then
   onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNormalization, BiasGelu...).
   For the CPU: onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so on CUDA
   the float32 graph's kernels and Loops fall back to the CPU (21.5x torch at seq 4096 on an
   H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
-- ``int8``: dynamic int8 quantization of the fused graph's MatMuls (weights per channel).
+- ``int8``: dynamic int8 quantization of the fused graph's MatMuls (weights per channel), the
+  head-group Loop's projections included.
 - ``fp16``: the fused graph in float16 with float32 inputs and outputs, for CUDA only.
 
 A variant is kept only when its op census differs from the graph it was derived from: a
@@ -129,7 +132,6 @@ def build_variants(
     spec: ExportSpec, base: onnx.ModelProto, opset: int, names: tuple[str, ...] | None
 ) -> dict[str, VariantBuild]:
     """The base graph plus every requested variant whose census differs from its source."""
-    from ._pipeline import capture
 
     wanted = DEFAULT_VARIANTS if names is None else names
     unknown = sorted(set(wanted) - set(DEFAULT_VARIANTS) - {"base"})
@@ -142,7 +144,7 @@ def build_variants(
     builds = {"base": VariantBuild(base, ALL_PROVIDERS, tolerance, census=op_census(base))}
     has_softmax = any(n.op_type == "Softmax" for n in base.graph.node)
     if "attention23" in wanted and opset < ATTENTION_OPSET and has_softmax:
-        model = capture(spec, ATTENTION_OPSET)
+        model = _native(spec)
         _keep(builds, "attention23", VariantBuild(model, ALL_PROVIDERS, tolerance, "base"))
     kernels = base
     if {"fused", "int8", "fp16"} & set(wanted):
@@ -151,9 +153,9 @@ def build_variants(
         _keep(builds, "fused", fused)
     source = builds.get("fused", builds["base"])
     if "int8" in wanted:
-        # From the graph before the head-group Loop, whose gathered weights are no constant
-        # MatMul operand for the quantizer: int8 is for speed, and the Loop is for memory.
-        int8 = _int8(kernels)
+        # The head-group rewrite quantizes the projections it takes over (gathered weights are
+        # no constant MatMul operand for the quantizer); the quantizer takes the rest.
+        int8 = _int8(_long(spec, kernels, int8=True))
         if int8 is not None:
             build = VariantBuild(int8, (CPU,), _lossy(spec, INT8_TOLERANCE), "fused")
             _keep(builds, "int8", build, against=source)
@@ -184,6 +186,23 @@ def _lossy(spec: ExportSpec, tol: Tolerance) -> dict[str, Tolerance]:
     return {dtype: tol for dtype in {*spec.tolerance, "float32"}}
 
 
+def _native(spec: ExportSpec) -> onnx.ModelProto:
+    """Native ONNX ops (models/_native.py): Attention-23 from torch's scaled_dot_product_attention,
+    RotaryEmbedding-23, and Attention-25 for causal windows (opset 25 where one occurs)."""
+    import torch
+
+    from models._native import onnx_native
+
+    from ._native_onnx import WINDOW_OPSET, translation_table
+    from ._pipeline import capture
+
+    with onnx_native() as windows, torch.no_grad():
+        spec.module(**spec.example_feed(), **spec.forward_kwargs)
+    opset = WINDOW_OPSET if windows[0] else ATTENTION_OPSET
+    with onnx_native():
+        return capture(spec, opset, custom_translation_table=translation_table())
+
+
 def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     import onnx_ir as ir
     import torch
@@ -207,14 +226,14 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
     return rows_for_cached_prompts(model)
 
 
-def _long(spec: ExportSpec, model: onnx.ModelProto) -> onnx.ModelProto:
-    """model with long causal self-attention over head groups (export/_head_groups.py). The
-    Loop only serves sequences of LOOP_MIN_SEQ tokens or more: a block declared shorter would
-    carry it as dead code."""
+def _long(spec: ExportSpec, model: onnx.ModelProto, *, int8: bool = False) -> onnx.ModelProto:
+    """model with long causal self-attention over head groups (export/_head_groups.py), its
+    q/k/v projections quantized with ``int8``. The Loop only serves sequences of LOOP_MIN_SEQ
+    tokens or more: a block declared shorter would carry it as dead code."""
     from ._head_groups import LOOP_MIN_SEQ, group_heads
 
     longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
-    return group_heads(model) if longest >= LOOP_MIN_SEQ else model
+    return group_heads(model, int8=int8) if longest >= LOOP_MIN_SEQ else model
 
 
 def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models._native import native
+
 __all__ = [
     "ALiBiBias",
     "LearnedPositionalEncoding",
@@ -321,6 +323,19 @@ class TransformerXLRelativeBias(_ScoreBias):
         return (position + content_bias) / math.sqrt(self.head_dim)
 
 
+def _onnx_rotary(x: torch.Tensor, angles: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """ONNX RotaryEmbedding-23 (interleaved=0, "rotate half") of x with angles [s, h_d/2]:
+    x [b, h, s, h_d] as its 4D input, x [b, s, h, h_d] as its 3D [b, s, h * h_d] input."""
+    b = x.shape[0]
+    cos = angles.cos().to(x.dtype).expand(b, -1, -1)  # [b, s, h_d/2]
+    sin = angles.sin().to(x.dtype).expand(b, -1, -1)
+    if seq_dim == 2:
+        return torch.onnx.ops.rotary_embedding(x, cos, sin)
+    heads = x.shape[2]
+    flat = torch.onnx.ops.rotary_embedding(x.flatten(2), cos, sin, num_heads=heads)
+    return flat.unflatten(-1, (heads, x.shape[3]))
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), "rotate half" layout (GPT-NeoX, Llama,
     ONNX RotaryEmbedding with interleaved=0).
@@ -348,6 +363,8 @@ class RotaryEmbedding(nn.Module):
         s = x.shape[seq_dim]
         pos = torch.arange(s, device=x.device, dtype=torch.float32) + offset  # [s]
         angles = pos[:, None] * self.inv_freq[None, :]  # [s, h_d/2]
+        if native():
+            return _onnx_rotary(x, angles, seq_dim)
         angles = torch.cat((angles, angles), dim=-1)  # [s, h_d]
         if seq_dim == 1:
             angles = angles[:, None]  # [s, 1, h_d]: broadcast over the heads that follow s

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models._encodings import relative_distances
+from models._native import count_window, native
 
 _ROUTE_TO_KERNELS = False
 _ROUTED_CALLS = [0]
@@ -145,6 +146,9 @@ def attention(
     if _ROUTE_TO_KERNELS:
         _ROUTED_CALLS[0] += 1
         return torch.ops.attnx.attention(q, k, v, key_padding_mask, score_bias, causal, window)
+    if native() and window and score_bias is None:
+        count_window()  # ONNX Attention-25 takes the causal window as attributes
+        return torch.ops.attnx.attention(q, k, v, key_padding_mask, None, causal, window)
     return _reference(q, k, v, key_padding_mask, score_bias, causal, window)
 
 
