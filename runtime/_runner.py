@@ -9,6 +9,7 @@ state in locals (the feed, the bound sizes, a per-call IO binding on CUDA).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from ._errors import ArtifactError, AttnxError, InputError, ProviderError
 from ._manifest import Manifest, Variant
 from ._session import CUDA, create_session, node_placement, ort_errors, resolve_provider
 from ._validate import Sizes, check_feed, shape_problems
+
+logger = logging.getLogger("attnx.runtime")
 
 
 def variants_for(manifest: Manifest, provider: str) -> list[Variant]:
@@ -62,6 +65,13 @@ def is_lossy(manifest: Manifest, variant: Variant) -> bool:
 
 
 def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -> Variant:
+    return candidate_variants(manifest, provider, name)[0]
+
+
+def candidate_variants(manifest: Manifest, provider: str,
+                       name: str | None = None) -> list[Variant]:
+    """The named variant alone, or every exact variant for `provider` that passed parity,
+    fastest first: the runner takes the first one this onnxruntime can load."""
     if name is not None:
         known = [v.name for v in manifest.variants]
         if name not in known:
@@ -70,7 +80,7 @@ def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -
         if provider not in variant.providers:
             raise ProviderError(f"variant {name!r} is meant for {', '.join(variant.providers)}"
                                 f", not {provider}")
-        return variant
+        return [variant]
     usable = [v for v in variants_for(manifest, provider)
               if passed_on(manifest, v, provider) and not is_lossy(manifest, v)]
     if not usable:
@@ -78,7 +88,19 @@ def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -
                             f"passed parity (variants: " + ", ".join(
                                 f"{v.name} on {'/'.join(v.providers)}"
                                 for v in manifest.variants) + ")")
-    return rank_variants(manifest, usable, provider)[0]
+    return rank_variants(manifest, usable, provider)
+
+
+def _version_hint(manifest: Manifest) -> str:
+    """Why a variant that passed parity where it was exported may not load here."""
+    from ._versions import installed_onnxruntime
+
+    exported = manifest.producer.get("onnxruntime")
+    installed = installed_onnxruntime()
+    if exported and installed and installed[1] != exported:
+        return (f" (checked with onnxruntime {exported} at export; this is {installed[0]} "
+                f"{installed[1]}: a newer opset may need a newer onnxruntime)")
+    return ""
 
 
 class Runner:
@@ -95,18 +117,31 @@ class Runner:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = self.bundle.manifest
         self.provider = resolve_provider(provider)
-        self.variant = choose_variant(self.manifest, self.provider, variant)
         self.reject_nonfinite = reject_nonfinite
-        self.label = str(self.bundle.dir / self.variant.file)
-        self._weights = self.bundle.weights[self.variant.name]
         self._output_names = self.manifest.output_names
+        self.skipped: dict[str, str] = {}  # variant -> why this onnxruntime could not load it
+        candidates = candidate_variants(self.manifest, self.provider, variant)
+        for i, chosen in enumerate(candidates):
+            try:
+                self._open(chosen, threads)
+                break
+            except ArtifactError as err:
+                if i == len(candidates) - 1:
+                    raise ArtifactError(f"{err}{_version_hint(self.manifest)}") from None
+                self.skipped[chosen.name] = str(err)
+                logger.warning("attnx: variant %s skipped: %s", chosen.name, err)
+        self._errors = ort_errors()
+
+    def _open(self, variant: Variant, threads: int | None) -> None:
+        self.variant = variant
+        self.label = str(self.bundle.dir / variant.file)
+        self._weights = self.bundle.weights[variant.name]
         started = time.perf_counter()
         self._session = create_session(
-            self.bundle.model_bytes(self.variant.name), bundle_dir=self.bundle.dir,
-            data_files=self.bundle.external_data(self.variant.name), provider=self.provider,
+            self.bundle.model_bytes(variant.name), bundle_dir=self.bundle.dir,
+            data_files=self.bundle.external_data(variant.name), provider=self.provider,
             label=self.label, threads=threads)
         self.session_seconds = time.perf_counter() - started
-        self._errors = ort_errors()
 
     def __enter__(self) -> Runner:
         return self

@@ -284,3 +284,49 @@ def test_cuda_io_binding_matches_golden(bundle):
             np.testing.assert_allclose(
                 r.run(dict(g.inputs))["y"], g.outputs["y"], atol=ATOL, rtol=RTOL
             )
+
+
+def _unloadable_fast_alt(folder, producer_ort=None):
+    """alt: measured fastest, but with an attribute this onnxruntime does not know (as an
+    opset-25 Attention is for onnxruntime 1.31)."""
+    import onnx
+
+    from .conftest import read_manifest, resign, write_manifest
+
+    model = onnx.load(folder / "model.alt.onnx")
+    model.graph.node[0].attribute.append(onnx.helper.make_attribute("left_window_size", 3))
+    onnx.save(model, folder / "model.alt.onnx")
+    d = read_manifest(folder)
+    d["extra"]["variants"]["alt"]["median_ms"]["CPUExecutionProvider"] = 0.5
+    if producer_ort:
+        d["producer"]["onnxruntime"] = producer_ort
+    write_manifest(folder, d)
+    resign(folder)
+
+
+def test_auto_choice_skips_a_variant_this_onnxruntime_cannot_load(tiny_bundle, caplog):
+    _unloadable_fast_alt(tiny_bundle)
+    with (
+        caplog.at_level("WARNING", logger="attnx.runtime"),
+        Runner(tiny_bundle, provider="cpu") as r,
+    ):
+        assert r.variant.name == "base"
+        assert "cannot load it" in r.skipped["alt"]
+        np.testing.assert_allclose(
+            r.run(dict(r.bundle.golden[0].inputs))["y"],
+            r.bundle.golden[0].outputs["y"],
+            atol=ATOL,
+            rtol=RTOL,
+        )
+    assert "variant alt skipped" in caplog.text
+
+
+def test_a_named_variant_that_cannot_load_names_both_onnxruntime_versions(tiny_bundle):
+    _unloadable_fast_alt(tiny_bundle, producer_ort="99.0.0")
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.alt.onnx: onnxruntime cannot load it: .*left_window_size.* \(checked with "
+        r"onnxruntime 99.0.0 at export; this is onnxruntime\S* \S+: a newer opset may need a "
+        r"newer onnxruntime\)",
+    ):
+        Runner(tiny_bundle, provider="cpu", variant="alt")
