@@ -92,14 +92,14 @@ def candidate_variants(manifest: Manifest, provider: str,
 
 
 def _version_hint(manifest: Manifest) -> str:
-    """Why a variant that passed parity where it was exported may not load here."""
-    from ._versions import installed_onnxruntime
+    """Why a variant that passed parity where it was exported may not load here. The module's
+    own version: a distribution's metadata can belong to another copy on the path."""
+    import onnxruntime
 
     exported = manifest.producer.get("onnxruntime")
-    installed = installed_onnxruntime()
-    if exported and installed and installed[1] != exported:
-        return (f" (checked with onnxruntime {exported} at export; this is {installed[0]} "
-                f"{installed[1]}: a newer opset may need a newer onnxruntime)")
+    if exported and onnxruntime.__version__ != exported:
+        return (f" (checked with onnxruntime {exported} at export; this is onnxruntime "
+                f"{onnxruntime.__version__}: a newer opset may need a newer onnxruntime)")
     return ""
 
 
