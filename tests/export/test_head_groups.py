@@ -77,3 +77,40 @@ def test_long_blocks_get_the_loop_and_short_ones_do_not():
         result = run_pipeline(spec, out=None, grid=[dict(spec.example)], variants=("fused",))
         census[name] = op_census(result.variants["fused"].model)
     assert census["big"].get("Loop") == 1 and "Loop" not in census["small"]
+
+
+@pytest.mark.parametrize("seq", [1, 9, 33])
+def test_int8_loop_quantizes_the_projections_of_both_branches(fused_causal, seq):
+    spec, fused = fused_causal
+    grouped = group_heads(fused, groups=2, min_seq=4, int8=True)
+    census = op_census(grouped)
+    assert census["If"] == 1 and census["Loop"] == 1
+    # q, k and v on the one-call path, the packed group projection in the Loop body
+    assert census["com.microsoft.DynamicQuantizeMatMul"] == 4
+    assert census["MatMul"] == op_census(fused)["MatMul"] - 3  # the output projection stays
+    feed = spec.make_inputs({"batch": 3, "seq": seq})
+    with torch.no_grad():
+        expected = spec.module(**feed).numpy()
+    arrays = {k: v.numpy() for k, v in feed.items()}
+    np.testing.assert_allclose(_run(grouped, arrays), expected, atol=0.1, rtol=0.1)  # int8's
+
+
+def test_columns_are_quantized_symmetrically_within_half_a_step():
+    from export._head_groups import quantize_columns
+
+    weight = np.random.default_rng(0).standard_normal((2, 16, 6)).astype(np.float32)
+    weight[1, :, 2] = 0.0  # an all-zero column keeps a usable scale
+    quantized, scales = quantize_columns(weight)
+    assert quantized.dtype == np.int8 and scales.shape == (2, 6)
+    assert np.abs(quantized).max() == 127 and scales[1, 2] == 1.0
+    error = np.abs(quantized * scales[:, None, :] - weight)
+    assert np.all(error <= scales[:, None, :] / 2 + 1e-7)
+
+
+def test_the_int8_variant_of_a_long_block_keeps_the_loop():
+    big = zoo.scaled(zoo.Size(d=64, heads=4, max_seq=1024, vocab=50, window=16))["causal_self"]
+    spec = spec_from_zoo(big)
+    result = run_pipeline(spec, out=None, grid=[dict(spec.example)], variants=("int8",))
+    census = op_census(result.variants["int8"].model)
+    assert census.get("Loop") == 1 and census["com.microsoft.DynamicQuantizeMatMul"] == 4
+    assert "MatMul" not in census  # the quantizer took the output projection
