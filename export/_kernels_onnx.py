@@ -116,7 +116,18 @@ def _expand_to(x, *parts):
     return op.Expand(x, op.Concat(*dims, axis=0))
 
 
-def _packed(x, heads: int, size: int):
+def static_heads(q, k, op_name: str) -> tuple[int, int, int]:
+    """(heads, head size, kv heads) of q [b, s, h, h_d] and k [b, s_kv, h_kv, h_d]: the kernels
+    take them as attributes, so they must be known at export."""
+    heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
+    if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
+        raise ValueError(
+            f"attnx::{op_name} needs static head counts and head size, got q {q.shape}, k {k.shape}"
+        )
+    return heads, head_dim, kv_heads
+
+
+def packed(x, heads: int, size: int):
     """[b, s, heads, size] -> [b, s, heads * size], the kernels' layout (a reshape, no copy)."""
     return op.Reshape(x, _ints(0, 0, heads * size))
 
@@ -150,9 +161,9 @@ def _causal(q, k, v, key_padding_mask, score_bias, window: int, heads, kv_heads,
         v = _extend(v, op.Constant(value_floats=[0.0]), b_skv, kv_heads)
     seqlens_k, total = _lengths(_dims(k_shape, 1, 2), k_shape)
     out, _, _ = GROUP_QUERY_ATTENTION(
-        _packed(q, heads, size),
-        _packed(k, kv_heads, size),
-        _packed(v, kv_heads, size),
+        packed(q, heads, size),
+        packed(k, kv_heads, size),
+        packed(v, kv_heads, size),
         None,
         None,
         seqlens_k,
@@ -226,11 +237,7 @@ def rows_with_a_key(key_padding_mask, causal: bool, window: int):
 
 def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, window=0):
     """Lowering of attnx::attention: q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d]."""
-    heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
-    if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
-        raise ValueError(
-            f"attnx::attention needs static head counts and head size, got q {q.shape}, k {k.shape}"
-        )
+    heads, head_dim, kv_heads = static_heads(q, k, "attention")
     if not causal and (score_bias is not None or window):
         raise ValueError("attnx::attention lowers a score bias and a window only when causal")
     if causal:
@@ -248,20 +255,15 @@ def cached_attention(q, k, v, past_key, past_value):
     [b, h_kv, p, h_d] -> (out [b, s, h, h_d], present key, present value [b, h_kv, p + s, h_d]).
     GroupQueryAttention keeps the cache in attnx's layout; export/_batch_rows.py then runs the
     prompts it refuses (batch > 1, s > 1 and a past) row by row."""
-    heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
-    if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
-        raise ValueError(
-            f"attnx::cached_attention needs static head counts and head size, got q {q.shape}, "
-            f"k {k.shape}"
-        )
+    heads, head_dim, kv_heads = static_heads(q, k, "cached_attention")
     k_shape = op.Shape(k)
     seqlens_k, total = _lengths(
         op.Add(_dims(op.Shape(past_key), 2, 3), _dims(k_shape, 1, 2)), k_shape
     )
     out, present_key, present_value = GROUP_QUERY_ATTENTION(
-        _packed(q, heads, head_dim),
-        _packed(k, kv_heads, head_dim),
-        _packed(v, kv_heads, head_dim),
+        packed(q, heads, head_dim),
+        packed(k, kv_heads, head_dim),
+        packed(v, kv_heads, head_dim),
         past_key,
         past_value,
         seqlens_k,

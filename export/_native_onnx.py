@@ -19,7 +19,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
-from ._kernels_onnx import rows_with_a_key
+from ._kernels_onnx import packed, rows_with_a_key, static_heads
 
 WINDOW_OPSET = 25  # Attention's left_window_size and right_window_size attributes
 
@@ -49,18 +49,10 @@ ATTENTION_25 = Op(
 )
 
 
-def _packed(x, heads: int, size: int):
-    return op.Reshape(x, op.Constant(value_ints=[0, 0, heads * size]))
-
-
 def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, window=0):
-    """Lowering of attnx::attention for a causal window without padding or bias: q [b, s, h,
-    h_d], k/v [b, s, h_kv, h_d] -> [b, s, h, h_d]."""
-    heads, head_dim, kv_heads = q.shape[2], q.shape[3], k.shape[2]
-    if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)):
-        raise ValueError(
-            f"attnx::attention needs static head counts and head size, got q {q.shape}, k {k.shape}"
-        )
+    """Lowering of attnx::attention for a causal window, with or without key padding, without a
+    score bias: q [b, s, h, h_d], k/v [b, s, h_kv, h_d] -> [b, s, h, h_d]."""
+    heads, head_dim, kv_heads = static_heads(q, k, "attention")
     if not (causal and window) or score_bias is not None:
         raise ValueError(
             "the native lowering of attnx::attention takes a causal window without score bias"
@@ -69,9 +61,9 @@ def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, win
     if key_padding_mask is not None:  # bool [b, s_kv] -> [b, 1, 1, s_kv], True = attend
         mask = op.Unsqueeze(op.Not(key_padding_mask), op.Constant(value_ints=[1, 2]))
     out = ATTENTION_25(
-        _packed(q, heads, head_dim),
-        _packed(k, kv_heads, head_dim),
-        _packed(v, kv_heads, head_dim),
+        packed(q, heads, head_dim),
+        packed(k, kv_heads, head_dim),
+        packed(v, kv_heads, head_dim),
         mask,
         is_causal=1,
         left_window_size=window - 1,

@@ -132,7 +132,6 @@ def build_variants(
     spec: ExportSpec, base: onnx.ModelProto, opset: int, names: tuple[str, ...] | None
 ) -> dict[str, VariantBuild]:
     """The base graph plus every requested variant whose census differs from its source."""
-
     wanted = DEFAULT_VARIANTS if names is None else names
     unknown = sorted(set(wanted) - set(DEFAULT_VARIANTS) - {"base"})
     if unknown:

@@ -114,11 +114,14 @@ def test_the_kernel_op_is_what_export_sees_and_eager_is_unchanged():
     assert torch.all(eager[:2].abs().sum(-1) > 0)  # every query row has a key
 
 
-def test_lowering_refuses_dynamic_heads_and_a_bidirectional_bias():
-    class Shape:
-        def __init__(self, shape):
-            self.shape = shape
+class Shape:
+    """Stands in for an exporter tensor: the lowerings read only .shape before emitting ops."""
 
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def test_lowering_refuses_dynamic_heads_and_a_bidirectional_bias():
     with pytest.raises(ValueError, match=r"needs static head counts and head size"):
         lowering(Shape(("b", "s", "h", 8)), Shape(("b", "s", 2, 8)), None)
     with pytest.raises(ValueError, match=r"lowers a score bias and a window only when causal"):

@@ -14,7 +14,7 @@ from models import MultiHeadAttention, RotaryEmbedding
 from models._kernels import attention
 from models._native import onnx_native
 
-from .test_kernels import D, H, Padded, _inputs, _padding
+from .test_kernels import D, H, Padded, Shape, _inputs, _padding
 
 WINDOW = 5
 CONFIGS = {
@@ -80,10 +80,6 @@ def test_native_routing_keeps_eager_numbers():
 
 
 def test_native_lowering_refuses_what_it_does_not_serve():
-    class Shape:
-        def __init__(self, shape):
-            self.shape = shape
-
     with pytest.raises(ValueError, match=r"needs static head counts and head size"):
         lowering(Shape(("b", "s", "h", 8)), Shape(("b", "s", 2, 8)), None)
     with pytest.raises(ValueError, match=r"takes a causal window without score bias"):
