@@ -5,7 +5,9 @@
   masked half and never build an s x s mask (a causal window is its local_window_size; an
   ALiBi, T5 or Transformer-XL score bias its attention_bias input);
 - com.microsoft.MultiHeadAttention otherwise: without a mask or bias input it takes the flash
-  path (MLAS flash attention on CPU), which keeps no s x s score tensor either.
+  path (MLAS flash attention on CPU), which keeps no s x s score tensor either. A score bias
+  (bidirectional T5 or ALiBi) is its attention_bias input, [1, h, s, s_kv], broadcast over the
+  batch: the unfused path, but no [b, h, s, s_kv] mask is built to carry the padding.
 
 A key-padding mask would need an s x s mask input, which forces the unfused path. attnx passes
 it as an extra head dimension instead: the score is a dot product, so a query column of ones
@@ -95,7 +97,7 @@ MULTI_HEAD_ATTENTION = Op(
     "MultiHeadAttention",
     _schema(
         "MultiHeadAttention",
-        ["query", "key", "value"],
+        ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"],
         ["output"],
         {"num_heads": _ATTR.INT, "scale": _ATTR.FLOAT},
     ),
@@ -191,7 +193,7 @@ def _extend(x, column, lead, heads: int):
     return op.Concat(x, _expand_to(column, lead, heads, 1), zeros, axis=3)
 
 
-def _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim):
+def _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_dim):
     scale = 1.0 / math.sqrt(head_dim)
     if kv_heads != heads:
         k, v = (_repeat_heads(t, heads // kv_heads, kv_heads, head_dim) for t in (k, v))
@@ -206,6 +208,9 @@ def _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim):
         op.Reshape(q, _ints(0, 0, heads * qk_size)),
         op.Reshape(k, _ints(0, 0, heads * qk_size)),
         op.Reshape(v, _ints(0, 0, heads * head_dim)),
+        None,
+        None,
+        score_bias,  # [b|1, h, s, s_kv], added to the scaled scores
         num_heads=heads,
         scale=scale,
     )
@@ -238,12 +243,12 @@ def rows_with_a_key(key_padding_mask, causal: bool, window: int):
 def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, window=0):
     """Lowering of attnx::attention: q [b, s, h, h_d], k/v [b, s_kv, h_kv, h_d]."""
     heads, head_dim, kv_heads = static_heads(q, k, "attention")
-    if not causal and (score_bias is not None or window):
-        raise ValueError("attnx::attention lowers a score bias and a window only when causal")
+    if not causal and window:
+        raise ValueError("attnx::attention lowers a window only when causal")
     if causal:
         out = _causal(q, k, v, key_padding_mask, score_bias, window, heads, kv_heads, head_dim)
     else:
-        out = _bidirectional(q, k, v, key_padding_mask, heads, kv_heads, head_dim)
+        out = _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_dim)
     if key_padding_mask is None:
         return out
     valid = rows_with_a_key(key_padding_mask, causal, window)

@@ -26,7 +26,15 @@ from models._encodings import (
     TransformerXLRelativeBias,
     _ScoreBias,
 )
-from models._kernels import _has_valid_key, allowed_mask, cached_attention, repeat_kv, routing
+from models._kernels import (
+    _has_valid_key,
+    allowed_mask,
+    cached_attention,
+    repeat_kv,
+    routing,
+    with_bias,
+    zero_rows_without_keys,
+)
 from models._kernels import attention as kernel_attention
 
 __all__ = ["MultiHeadAttention", "ScaledDotProductAttention", "scaled_dot_product_attention"]
@@ -63,17 +71,15 @@ def _attention_with_value_term(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
+    allowed: torch.Tensor | None,
     pos: _ScoreBias,
 ) -> torch.Tensor:
     """Explicit attention for encodings that also add a term to the values (Shaw)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
-    if attn_mask is not None:
-        scores = scores + attn_mask
+    scores = scores + with_bias(allowed, pos.score_bias(q, k))
     probs = scores.softmax(dim=-1)  # [b, h, s, s_kv]
-    if attn_mask is not None:
-        probs = probs.masked_fill(~_has_valid_key(attn_mask), 0.0)
-    return probs @ v + pos.value_term(probs)  # [b, h, s, h_d]
+    # Both terms are linear in a row of probs: zeroing the output row equals zeroing the probs.
+    return zero_rows_without_keys(probs @ v + pos.value_term(probs), allowed)  # [b, h, s, h_d]
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -223,14 +229,12 @@ class MultiHeadAttention(nn.Module):
 
     def _kernel_serves(self) -> bool:
         """Whether models._kernels.attention has this attention's semantics (without a cache):
-        any mask is causal, a causal window or key padding; any score bias is causal and adds
-        nothing to the values."""
+        any mask is causal, a causal window or key padding; any score bias adds nothing to the
+        values (Shaw's value term has no kernel input)."""
         pos = self.pos_embeddings
-        if isinstance(pos, _ScoreBias):
-            # The causal kernel takes a score bias as an input; the bidirectional one cannot
-            # without its unfused path, and neither adds a term to the values (Shaw).
-            return self.causal and not pos.has_value_term
-        return (pos is None or isinstance(pos, RotaryEmbedding)) and (
+        if isinstance(pos, _ScoreBias) and pos.has_value_term:
+            return False
+        return (pos is None or isinstance(pos, (RotaryEmbedding, _ScoreBias))) and (
             self.window is None or self.causal
         )
 
@@ -280,12 +284,13 @@ class MultiHeadAttention(nn.Module):
         allowed = self._allowed(q.shape[2], k.shape[2], key_padding_mask, q.device)
         if not isinstance(pos, _ScoreBias):
             return scaled_dot_product_attention(q, k, v, allowed)
-        mask = pos.score_bias(q, k)  # [b|1, h, s, s_kv], on the scale of the scaled scores
-        if allowed is not None:
-            mask = mask.masked_fill(~allowed, float("-inf"))
         if pos.has_value_term:
-            return _attention_with_value_term(q, k, v, mask, pos)
-        return scaled_dot_product_attention(q, k, v, mask)
+            return _attention_with_value_term(q, k, v, allowed, pos)
+        # The bias is [b|1, h, s, s_kv], on the scale of the scaled scores.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=with_bias(allowed, pos.score_bias(q, k))
+        )
+        return zero_rows_without_keys(out, allowed)
 
     def _allowed(self, s, s_kv, key_padding_mask, device) -> torch.Tensor | None:
         """bool [b|1, 1, s, s_kv], True where query i may attend to key j; None for all."""

@@ -46,32 +46,37 @@ def relative_distances(s: int, s_kv: int, device=None) -> torch.Tensor:
 
 
 def skew_distances(s: int, s_kv: int, device=None) -> torch.Tensor:
-    """The s + s_kv - 1 relative distances j - (p + i) a query block meets, in the column order
-    that :func:`skew` expects: column m is distance m - (s_kv - 1)."""
-    return torch.arange(s + s_kv - 1, device=device) - (s_kv - 1)
+    """The s + s_kv - 1 relative distances j - (p + i) a query block meets, plus one spare, in
+    the column order that :func:`skew` and :func:`unskew` use: column m is distance
+    m - (s_kv - 1). The spare last column sets the row stride of the skew, so that neither
+    direction pads the s x s tensor."""
+    return torch.arange(s + s_kv, device=device) - (s_kv - 1)
 
 
 def skew(per_distance: torch.Tensor, s_kv: int) -> torch.Tensor:
-    """[..., s, s + s_kv - 1] (a value per query and relative distance, columns as in
-    :func:`skew_distances`) -> [..., s, s_kv] (the value per query and key).
+    """[..., s, s + s_kv] (a value per query and relative distance, columns as in
+    :func:`skew_distances`; the spare last column is never read) -> [..., s, s_kv] (the value
+    per query and key).
 
-    Entry (i, j) is column j + s - 1 - i of row i. Transformer-XL's relative shift: a pad, two
-    reshapes and slices instead of gathering from an [s, s_kv] index, so a relative term costs
-    one matmul against s + s_kv - 1 distances rather than an [s, s_kv, h_d] table.
+    Entry (i, j) is column j + s - 1 - i of row i. Transformer-XL's relative shift: reading the
+    rows of width w + 1 with a stride of w moves each row one column left, so a relative term
+    costs one matmul against the distances and two slices, rather than an [s, s_kv, h_d] table.
     """
-    s, width = per_distance.shape[-2], per_distance.shape[-1]
-    flat = F.pad(per_distance, (0, 1)).flatten(-2)  # rows of width + 1
+    s, width = per_distance.shape[-2], per_distance.shape[-1] - 1
+    flat = per_distance.flatten(-2)  # rows of width + 1
     flat = flat[..., s - 1 : s - 1 + s * width]  # row i now starts at its column s - 1 - i
     return flat.unflatten(-1, (s, width))[..., :s_kv]
 
 
 def unskew(per_key: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`skew`: [..., s, s_kv] -> [..., s, s + s_kv - 1], zeros elsewhere."""
+    """Inverse of :func:`skew`: [..., s, s_kv] -> [..., s, s + s_kv], zeros elsewhere (the spare
+    column included)."""
     s, s_kv = per_key.shape[-2], per_key.shape[-1]
-    width = s + s_kv - 1
-    flat = F.pad(per_key, (0, s - 1)).flatten(-2)  # rows of width; the zeros spill harmlessly
-    flat = F.pad(flat, (s - 1, 1))  # [..., s * (width + 1)]
-    return flat.unflatten(-1, (s, width + 1))[..., :width]
+    width = s + s_kv
+    # Shift every row right by s - 1 and add a zero row, then read with a stride one wider: row
+    # i moves i more columns right. One pad and one slice; the spill lands in zeros.
+    flat = F.pad(per_key, (s - 1, 0, 0, 1)).flatten(-2)  # [..., (s + 1) * (width - 1)]
+    return flat[..., : s * width].unflatten(-1, (s, width))
 
 
 def _check_positive(**values: int) -> None:
@@ -243,13 +248,18 @@ class T5RelativeBias(_ScoreBias):
 
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h_kv, s_kv, h_d] -> bias [1, h, s, s_kv]."""
+        s, s_kv = q.shape[2], k.shape[2]
+        # The bias depends on the distance alone: bucket the s + s_kv distances, not the s x s
+        # pairs, then gather each pair's row of per-distance values.
         bucket = t5_bucket(
-            relative_distances(q.shape[2], k.shape[2], q.device),
+            skew_distances(s, s_kv, q.device),
             bidirectional=self.bidirectional,
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
-        )  # [s, s_kv]
-        values = self.embedding(bucket)  # [s, s_kv, h]
+        )  # [s + s_kv]
+        per_distance = self.embedding(bucket)  # [s + s_kv, h]
+        column = relative_distances(s, s_kv, q.device) + (s_kv - 1)  # [s, s_kv], skew order
+        values = F.embedding(column, per_distance)  # [s, s_kv, h]
         return values.permute(2, 0, 1)[None].to(q.dtype)  # [1, h, s, s_kv]
 
 
@@ -276,21 +286,21 @@ class ShawRelativePosition(_ScoreBias):
         return dist.clamp(-self.max_distance, self.max_distance) + self.max_distance
 
     def _rows(self, table: nn.Embedding, s: int, s_kv: int, device) -> torch.Tensor:
-        """[s + s_kv - 1, h_d]: the table row of each relative distance, in skew order."""
+        """[s + s_kv, h_d]: the table row of each relative distance, in skew order."""
         dist = skew_distances(s, s_kv, device).clamp(-self.max_distance, self.max_distance)
         return table(dist + self.max_distance)
 
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h_kv, s_kv, h_d] -> bias [b, h, s, s_kv] (scaled)."""
         s, s_kv = q.shape[2], k.shape[2]
-        a_k = self._rows(self.key_table, s, s_kv, q.device).to(q.dtype)  # [s + s_kv - 1, h_d]
+        a_k = self._rows(self.key_table, s, s_kv, q.device).to(q.dtype)  # [s + s_kv, h_d]
         return skew(q @ a_k.T, s_kv) / math.sqrt(q.shape[-1])  # [b, h, s, s_kv]
 
     def value_term(self, probs: torch.Tensor) -> torch.Tensor:
         """probs: [b, h, s, s_kv] -> [b, h, s, h_d]."""
         s, s_kv = probs.shape[2], probs.shape[3]
         a_v = self._rows(self.value_table, s, s_kv, probs.device).to(probs.dtype)
-        return unskew(probs) @ a_v  # [b, h, s, s + s_kv - 1] @ [s + s_kv - 1, h_d]
+        return unskew(probs) @ a_v  # [b, h, s, s + s_kv] @ [s + s_kv, h_d]
 
 
 class TransformerXLRelativeBias(_ScoreBias):
@@ -314,9 +324,9 @@ class TransformerXLRelativeBias(_ScoreBias):
     def score_bias(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q: [b, h, s, h_d], k: [b, h, s_kv, h_d] -> bias [b, h, s, s_kv] (scaled)."""
         s, s_kv = q.shape[2], k.shape[2]
-        dist = -skew_distances(s, s_kv, q.device).to(q.dtype)  # [s + s_kv - 1], i - j
-        angles = dist[:, None] * self.sinusoid.inv_freq.to(q.dtype)  # [s + s_kv - 1, d/2]
-        r = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # [s + s_kv - 1, d]
+        dist = -skew_distances(s, s_kv, q.device).to(q.dtype)  # [s + s_kv], i - j
+        angles = dist[:, None] * self.sinusoid.inv_freq.to(q.dtype)  # [s + s_kv, d/2]
+        r = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # [s + s_kv, d]
         r = self.r_proj(r).unflatten(-1, (self.num_heads, self.head_dim))  # [L, h, h_d]
         position = skew((q + self.v[None, :, None]) @ r.permute(1, 2, 0), s_kv)  # [b, h, s, s_kv]
         content_bias = torch.einsum("hd,bhjd->bhj", self.u, k)[:, :, None, :]  # [b, h, 1, s_kv]

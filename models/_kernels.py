@@ -4,8 +4,8 @@ In eager mode these are plain torch. Inside ``ort_kernels()`` the attention core
 custom op ``attnx::attention``, which the exporter's ``fused`` variant lowers to onnxruntime
 kernels that never materialize an s x s score, mask or bias tensor: GroupQueryAttention for
 causal attention (it skips the masked half) and MultiHeadAttention's flash path otherwise.
-Key padding reaches those kernels as an extra head dimension, a causal score bias (ALiBi, T5,
-Transformer-XL) as GroupQueryAttention's bias input (export/_kernels_onnx.py).
+Key padding reaches those kernels as an extra head dimension, a score bias (ALiBi, T5,
+Transformer-XL) as the kernel's bias input (export/_kernels_onnx.py).
 
 The core works in the projections' layout, [b, s, heads, h_d], so neither the model nor the
 lowering transposes q, k, v or the output: at long sequences each transpose is a copy.
@@ -67,19 +67,29 @@ def allowed_mask(s, s_kv, key_padding_mask, causal: bool, window, device) -> tor
     return allowed
 
 
-def _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, device):
-    """bool (True = attend) or float (added) mask [b|1, h|1, s, s_kv], or None for none."""
-    allowed = allowed_mask(s, s_kv, key_padding_mask, causal, window, device)
-    if score_bias is None:
-        return allowed
-    return score_bias if allowed is None else score_bias.masked_fill(~allowed, float("-inf"))
-
-
 def _has_valid_key(mask: torch.Tensor) -> torch.Tensor:
     """[..., s, s_kv] bool or float mask -> [..., s, 1], True where some key is allowed."""
     if mask.dtype == torch.bool:
         return mask.any(dim=-1, keepdim=True)
     return (mask > float("-inf")).any(dim=-1, keepdim=True)
+
+
+def with_bias(allowed: torch.Tensor | None, score_bias: torch.Tensor | None):
+    """The mask SDPA takes: ``allowed`` (bool, True = attend), or ``score_bias`` with -inf where
+    ``allowed`` is False (float, added); None for none."""
+    if score_bias is None or allowed is None:
+        return allowed if score_bias is None else score_bias
+    return score_bias.masked_fill(~allowed, float("-inf"))
+
+
+def zero_rows_without_keys(out: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """out [b, h, s, h_d] with zeros in the rows where ``allowed`` admits no key.
+
+    Score biases are finite, so only ``allowed`` puts -inf in a mask: asking it, a bool of at
+    most [b, 1, s, s_kv] (often [b, 1, 1, s_kv]), is as exact as asking the float mask and
+    reads far less than the [b, h, s, s_kv] biased scores.
+    """
+    return out if allowed is None else out.masked_fill(~_has_valid_key(allowed), 0.0)
 
 
 def _reference(q, k, v, key_padding_mask, score_bias, causal: bool, window: int):
@@ -91,10 +101,9 @@ def _reference(q, k, v, key_padding_mask, score_bias, causal: bool, window: int)
         # torch's is_causal fast path (which skips the masked half) has attnx's semantics.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        s, s_kv = q.shape[2], k.shape[2]
-        mask = _score_mask(s, s_kv, key_padding_mask, score_bias, causal, window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.masked_fill(~_has_valid_key(mask), 0.0)  # rows with every key masked
+        allowed = allowed_mask(q.shape[2], k.shape[2], key_padding_mask, causal, window, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=with_bias(allowed, score_bias))
+        out = zero_rows_without_keys(out, allowed)
     return out.transpose(1, 2)  # [b, s, h, h_d]
 
 
@@ -133,15 +142,15 @@ def attention(
         k, v (torch.Tensor): [b, s_kv, h_kv, h_d], h a multiple of h_kv.
         key_padding_mask (torch.Tensor | None): bool [b, s_kv], True at padded keys.
         score_bias (torch.Tensor | None): [b|1, h, s, s_kv] added to the scaled scores (ALiBi,
-            T5, Transformer-XL). Causal attention only: the causal kernel takes it as is.
+            T5, Transformer-XL); both kernels take it as is.
         causal (bool): query i attends to keys j <= i (self-attention, s == s_kv).
         window (int | None): with causal, keys less than ``window`` positions back.
 
     Returns:
         torch.Tensor: [b, s, h, h_d]; rows whose keys are all masked are zeros.
     """
-    if not causal and (score_bias is not None or window is not None):
-        raise ValueError("the attention kernel takes a score bias and a window only when causal")
+    if not causal and window is not None:
+        raise ValueError("the attention kernel takes a window only when causal")
     window = window or 0
     if _ROUTE_TO_KERNELS:
         _ROUTED_CALLS[0] += 1

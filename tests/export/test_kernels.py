@@ -52,6 +52,14 @@ CONFIGS = {
         "GroupQueryAttention",
     ),
     "bidirectional-gqa-padding": (dict(num_kv_heads=2), "MultiHeadAttention"),
+    "bidirectional-t5-bias-padding": (
+        dict(pos_embeddings=T5RelativeBias(num_heads=H, num_buckets=8, max_distance=12)),
+        "MultiHeadAttention",
+    ),
+    "bidirectional-alibi-gqa-padding": (
+        dict(num_kv_heads=2, pos_embeddings=ALiBiBias(num_heads=H)),
+        "MultiHeadAttention",
+    ),
     "causal-t5-bias-padding": (
         dict(causal=True, pos_embeddings=T5RelativeBias(num_heads=H, bidirectional=False)),
         "GroupQueryAttention",
@@ -92,6 +100,14 @@ def test_fused_kernel_matches_torch_beyond_the_window_and_with_padded_rows(name)
     census = [n.op_type for n in result.variants["fused"].model.graph.node]
     assert census.count(kernel) == 1
     assert "Softmax" not in census and "MatMul" in census
+    node = next(n for n in result.variants["fused"].model.graph.node if n.op_type == kernel)
+    bias_at = BIAS_INPUT[kernel]
+    has_bias = isinstance(config.get("pos_embeddings"), (ALiBiBias, T5RelativeBias, XL))
+    assert (len(node.input) > bias_at and bool(node.input[bias_at])) == has_bias
+
+
+XL = TransformerXLRelativeBias
+BIAS_INPUT = {"GroupQueryAttention": 10, "MultiHeadAttention": 5}  # attention_bias's index
 
 
 def _inputs(point, seed=0):
@@ -121,8 +137,8 @@ class Shape:
         self.shape = shape
 
 
-def test_lowering_refuses_dynamic_heads_and_a_bidirectional_bias():
+def test_lowering_refuses_dynamic_heads_and_a_bidirectional_window():
     with pytest.raises(ValueError, match=r"needs static head counts and head size"):
         lowering(Shape(("b", "s", "h", 8)), Shape(("b", "s", 2, 8)), None)
-    with pytest.raises(ValueError, match=r"lowers a score bias and a window only when causal"):
-        lowering(Shape(("b", "s", 4, 8)), Shape(("b", "s", 4, 8)), None, score_bias=object())
+    with pytest.raises(ValueError, match=r"lowers a window only when causal"):
+        lowering(Shape(("b", "s", 4, 8)), Shape(("b", "s", 4, 8)), None, window=3)

@@ -256,15 +256,24 @@ def test_shaw_index_stays_in_table_at_long_length():
 @pytest.mark.parametrize(("s", "s_kv"), [(5, 5), (2, 5), (1, 1), (1, 4), (4, 4), (3, 7)])
 def test_skew_places_each_distance_where_index_says(s, s_kv):
     shaw = ShawRelativePosition(head_dim=HD, max_distance=2)
-    per_distance = skew_distances(s, s_kv).clamp(-2, 2) + 2  # [s + s_kv - 1]
-    table = per_distance.expand(s, -1).float()  # [s, s + s_kv - 1]
+    per_distance = skew_distances(s, s_kv).clamp(-2, 2) + 2  # [s + s_kv]
+    table = per_distance.expand(s, -1).float()  # [s, s + s_kv]
     assert skew(table, s_kv).long().tolist() == shaw.index(s, s_kv).tolist()
     # unskew puts each key's value back in its distance column, zeros elsewhere
     per_key = torch.arange(1, s * s_kv + 1, dtype=torch.float32).reshape(s, s_kv)
     back = unskew(per_key)
-    assert back.shape == (s, s + s_kv - 1)
+    assert back.shape == (s, s + s_kv)
     assert torch.equal(skew(back, s_kv), per_key)
     assert back.sum() == per_key.sum()  # nothing else leaks in
+    assert back[:, -1].eq(0).all()  # the spare column stays zero
+
+
+@pytest.mark.parametrize(("s", "s_kv"), [(5, 5), (1, 1), (1, 4), (3, 7)])
+def test_skew_never_reads_the_spare_column(s, s_kv):
+    assert skew_distances(s, s_kv).tolist() == list(range(1 - s_kv, s + 1))
+    table = torch.arange(s * (s + s_kv), dtype=torch.float32).reshape(s, s + s_kv)
+    table[:, -1] = float("nan")
+    assert not skew(table, s_kv).isnan().any()
 
 
 def test_relative_distances_bottom_right():

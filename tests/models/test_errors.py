@@ -83,7 +83,7 @@ def odd_input_kind():
 # ValueError unless EXCEPTIONS says otherwise.
 A, E, K, L, Z = "_attention", "_encodings", "_kernels", "_layers", "zoo"
 POSITIVE = "{} ({}) must be positive"
-KERNEL_CAUSAL_ONLY = "the attention kernel takes a score bias and a window only when causal"
+KERNEL_CAUSAL_ONLY = "the attention kernel takes a window only when causal"
 CASES = {
     # --- encodings
     "sinusoid-dim-0": (
@@ -148,11 +148,6 @@ CASES = {
         lambda: RotaryEmbedding(head_dim=HD)(torch.zeros(1, 2, 3, HD), seq_dim=3),
         r"seq_dim \(3\) must be 1 \(\[b, s, h, h_d\]\) or 2",
     ),
-    "kernel-bias-not-causal": (
-        f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
-        lambda: kernel_attention(*qkv(), score_bias=torch.zeros(1, H, 3, 3)),
-        r"takes a score bias and a window only when causal",
-    ),
     "kernel-cached-outside-routing": (
         f"{K}:cached_attention:cached_attention is a kernel op: call it inside ort_kernels()",
         lambda: cached_attention(*qkv(), torch.zeros(1, H, 2, HD), torch.zeros(1, H, 2, HD)),
@@ -161,7 +156,7 @@ CASES = {
     "kernel-window-not-causal": (
         f"{K}:attention:{KERNEL_CAUSAL_ONLY}",
         lambda: kernel_attention(*qkv(), window=2),
-        r"takes a score bias and a window only when causal",
+        r"takes a window only when causal",
     ),
     "rope-odd": (
         f"{E}:RotaryEmbedding.__init__:head_dim ({{}}) must be even for rotary embeddings",
