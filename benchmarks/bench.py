@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,8 +164,13 @@ def bench_point(entry, spec, point, builds, threads, budget_s, gemm) -> dict:
             reference = reference[0] if isinstance(reference, tuple) else reference
             eager = median_ms(lambda: spec.module(**feed, **spec.forward_kwargs), budget_s)
     except (RuntimeError, MemoryError) as err:  # past the address-space cap: out of memory
-        return {"entry": entry.name, "point": point, "eager_ms": None,
-                "skipped": f"torch eager: {_first_line(err)}", "meets_target": False}
+        return {
+            "entry": entry.name,
+            "point": point,
+            "eager_ms": None,
+            "skipped": f"torch eager: {_first_line(err)}",
+            "meets_target": False,
+        }
     flops = eager_flops(spec.module, feed, spec.forward_kwargs)
     variants, errors, passed, once, failed = {}, {}, {}, [], {}
     for name, build in builds.items():
@@ -312,14 +318,64 @@ def memory_table(entry: str, seqs, threads: int) -> list[dict]:
     rows = []
     for seq in seqs:
         for variant in ("eager", "base", "attention23", "fused"):
-            cmd = [sys.executable, __file__, "--memory-child", entry, variant, "1", str(seq),
-                   str(threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                entry,
+                variant,
+                "1",
+                str(seq),
+                str(threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
             line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
             row = {"entry": entry, "seq": seq, "batch": 1, "variant": variant, **json.loads(line)}
             rows.append(row)
             print(row, flush=True)
     return rows
+
+
+def bench_entry_alone(name: str, args, gemm: float) -> list[dict]:
+    """bench_entry in a fresh process. In one long process, the heap and onnxruntime's arenas
+    left by earlier entries crowd the address-space cap: decoder_lm at batch 8, seq 4096 could
+    not load a session after 19 entries, though alone it runs every variant."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.json"
+        cmd = [
+            sys.executable,
+            __file__,
+            "--entry-child",
+            name,
+            str(path),
+            str(gemm),
+            "--batch",
+            args.batch,
+            "--seq",
+            args.seq,
+            "--threads",
+            str(args.threads),
+            "--budget-s",
+            str(args.budget_s),
+        ]
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise SystemExit(f"bench.py: the process timing {name} exited with {code}")
+        return json.loads(path.read_text())
+
+
+def entry_child(args) -> None:
+    name, path, gemm = args.entry_child
+    limit_address_space()
+    rows = bench_entry(
+        zoo.scaled(BENCH_SIZE)[name],
+        [int(b) for b in args.batch.split(",")],
+        [int(s) for s in args.seq.split(",")],
+        args.threads,
+        args.budget_s,
+        float(gemm),
+    )
+    Path(path).write_text(json.dumps(rows))
 
 
 # --- reports -------------------------------------------------------------------------------------
@@ -355,8 +411,11 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
     for r in rows:
         point = ", ".join(f"{k}={v}" for k, v in r["point"].items() if k in ("batch", "seq"))
         if r.get("eager_ms") is None:
-            lines.append(f"| {r['entry']} | {point} | - | " + " | ".join("-" for _ in names)
-                         + f" | not run: {r['skipped']} | - | **MISS** |")
+            lines.append(
+                f"| {r['entry']} | {point} | - | "
+                + " | ".join("-" for _ in names)
+                + f" | not run: {r['skipped']} | - | **MISS** |"
+            )
             continue
         cells = []
         for n in names:
@@ -373,7 +432,8 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
             cells.append(f"{ms:.2f} ({r['ratios'][n]:.2f}x){mark}")
         mark = "yes" if r["meets_target"] else "**MISS**"
         lines.append(
-            f"| {r['entry']} | {point} | {r['eager_ms']:.2f} | " + " | ".join(cells)
+            f"| {r['entry']} | {point} | {r['eager_ms']:.2f} | "
+            + " | ".join(cells)
             + f" | {_best_text(r)} | {r['best_gflops']:.0f} "
             f"({r['best_pct_gemm']:.0f}%) | {mark} |"
         )
@@ -425,7 +485,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("sequence length", fontsize=8)
         ax.set_ylabel("ms", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(entries):]:
+    for ax in list(axes.flat)[len(entries) :]:
         ax.axis("off")
     # One legend for every panel: a variant keeps its colour wherever it appears.
     handles = [Line2D([], [], color="k", marker="o", label="torch eager")] + [
@@ -460,10 +520,14 @@ def main(argv=None) -> int:
         "--vs-torch` elsewhere, e.g. on CUDA) and time nothing",
     )
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--entry-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         entry, variant, batch, seq, threads = args.memory_child
         memory_child(entry, variant, int(batch), int(seq), int(threads))
+        return 0
+    if args.entry_child:
+        entry_child(args)
         return 0
     registry = zoo.scaled(BENCH_SIZE)
     names = [n for n in args.entries.split(",") if n]
@@ -477,19 +541,15 @@ def main(argv=None) -> int:
     limit_address_space()
     earlier = _earlier(out / f"{args.name}.json", names) if args.update else {}
     gemm_before = gemm_gflops(args.threads)
-    memory = memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")],
-                          args.threads) if args.memory else earlier.get("memory", [])
+    memory = (
+        memory_table("causal_self", [int(s) for s in args.memory_seq.split(",")], args.threads)
+        if args.memory
+        else earlier.get("memory", [])
+    )
     rows = list(earlier.get("rows", []))
     args.earlier_meta = earlier.get("meta")
     for name in names:
-        rows += bench_entry(
-            registry[name],
-            [int(b) for b in args.batch.split(",")],
-            [int(s) for s in args.seq.split(",")],
-            args.threads,
-            args.budget_s,
-            gemm_before,
-        )
+        rows += bench_entry_alone(name, args, gemm_before)
         # Written after every entry, so a long run that is stopped keeps what it measured.
         write(out, args, argv, rows, memory, gemm_before, gemm_before)
     gemm_after = gemm_gflops(args.threads)
@@ -526,8 +586,9 @@ def write(out: Path, args, argv, rows, memory, gemm_before: float, gemm_after: f
         "gemm_gflops": max(gemm_before, gemm_after),
         "gemm_gflops_before_after": [round(gemm_before, 1), round(gemm_after, 1)],
     }
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows,
-                                                       "memory": memory}, indent=1))
+    (out / f"{args.name}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=1)
+    )
     (out / f"{args.name}.md").write_text(markdown(rows, memory, meta))
 
 
