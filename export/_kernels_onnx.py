@@ -205,9 +205,9 @@ def _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_
         k_col = _expand_to(_padded_key_scores(key_padding_mask), _dims(op.Shape(k), 0, 2), heads, 1)
         k = op.Concat(k, k_col, axis=3)
     out = MULTI_HEAD_ATTENTION(
-        op.Reshape(q, _ints(0, 0, heads * qk_size)),
-        op.Reshape(k, _ints(0, 0, heads * qk_size)),
-        op.Reshape(v, _ints(0, 0, heads * head_dim)),
+        packed(q, heads, qk_size),
+        packed(k, heads, qk_size),
+        packed(v, heads, head_dim),
         None,
         None,
         score_bias,  # [b|1, h, s, s_kv], added to the scaled scores

@@ -30,6 +30,7 @@ from models._kernels import (
     _has_valid_key,
     allowed_mask,
     cached_attention,
+    masked_attention,
     repeat_kv,
     routing,
     with_bias,
@@ -231,12 +232,10 @@ class MultiHeadAttention(nn.Module):
         """Whether models._kernels.attention has this attention's semantics (without a cache):
         any mask is causal, a causal window or key padding; any score bias adds nothing to the
         values (Shaw's value term has no kernel input)."""
-        pos = self.pos_embeddings
+        pos = self.pos_embeddings  # None, RoPE or a score bias: the constructor checks it
         if isinstance(pos, _ScoreBias) and pos.has_value_term:
             return False
-        return (pos is None or isinstance(pos, (RotaryEmbedding, _ScoreBias))) and (
-            self.window is None or self.causal
-        )
+        return self.window is None or self.causal
 
     def _kernel_serves_cache(self) -> bool:
         """Whether models._kernels.cached_attention serves this attention's cached step; only
@@ -283,14 +282,11 @@ class MultiHeadAttention(nn.Module):
         v = repeat_kv(v, n_rep)  # [b, h, s_kv, h_d]
         allowed = self._allowed(q.shape[2], k.shape[2], key_padding_mask, q.device)
         if not isinstance(pos, _ScoreBias):
-            return scaled_dot_product_attention(q, k, v, allowed)
+            return masked_attention(q, k, v, allowed, None)
         if pos.has_value_term:
             return _attention_with_value_term(q, k, v, allowed, pos)
         # The bias is [b|1, h, s, s_kv], on the scale of the scaled scores.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=with_bias(allowed, pos.score_bias(q, k))
-        )
-        return zero_rows_without_keys(out, allowed)
+        return masked_attention(q, k, v, allowed, pos.score_bias(q, k))
 
     def _allowed(self, s, s_kv, key_padding_mask, device) -> torch.Tensor | None:
         """bool [b|1, 1, s, s_kv], True where query i may attend to key j; None for all."""

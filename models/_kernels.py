@@ -92,6 +92,13 @@ def zero_rows_without_keys(out: torch.Tensor, allowed: torch.Tensor | None) -> t
     return out if allowed is None else out.masked_fill(~_has_valid_key(allowed), 0.0)
 
 
+def masked_attention(q, k, v, allowed, score_bias) -> torch.Tensor:
+    """SDPA of q [b, h, s, h_d] over k/v [b, h, s_kv, h_d] under ``allowed`` (bool, True =
+    attend) and an additive ``score_bias``, with zeros in rows that have no key."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=with_bias(allowed, score_bias))
+    return zero_rows_without_keys(out, allowed)
+
+
 def _reference(q, k, v, key_padding_mask, score_bias, causal: bool, window: int):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, h_d]
     n_rep = q.shape[1] // k.shape[1]
@@ -102,8 +109,7 @@ def _reference(q, k, v, key_padding_mask, score_bias, causal: bool, window: int)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         allowed = allowed_mask(q.shape[2], k.shape[2], key_padding_mask, causal, window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=with_bias(allowed, score_bias))
-        out = zero_rows_without_keys(out, allowed)
+        out = masked_attention(q, k, v, allowed, score_bias)
     return out.transpose(1, 2)  # [b, s, h, h_d]
 
 

@@ -75,6 +75,10 @@ CONFIGS = {
 }
 
 
+XL = TransformerXLRelativeBias
+BIAS_INPUT = {"GroupQueryAttention": 10, "MultiHeadAttention": 5}  # attention_bias's index
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_kernel_matches_torch_beyond_the_window_and_with_padded_rows(name):
     config, kernel = CONFIGS[name]
@@ -104,10 +108,6 @@ def test_fused_kernel_matches_torch_beyond_the_window_and_with_padded_rows(name)
     bias_at = BIAS_INPUT[kernel]
     has_bias = isinstance(config.get("pos_embeddings"), (ALiBiBias, T5RelativeBias, XL))
     assert (len(node.input) > bias_at and bool(node.input[bias_at])) == has_bias
-
-
-XL = TransformerXLRelativeBias
-BIAS_INPUT = {"GroupQueryAttention": 10, "MultiHeadAttention": 5}  # attention_bias's index
 
 
 def _inputs(point, seed=0):
