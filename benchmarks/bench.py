@@ -15,6 +15,7 @@ run. Writes benchmarks/results/bench.json, bench.md and bench_latency_vs_seq.png
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -559,9 +560,13 @@ def main(argv=None) -> int:
         write(out, args, argv, rows, memory, gemm_before, gemm_before)
     gemm_after = gemm_gflops(args.threads)
     write(out, args, argv, rows, memory, gemm_before, gemm_after)
-    if rows:
+    wrote = f"{out / args.name}.json, .md"
+    if rows and importlib.util.find_spec("matplotlib") is None:
+        print("no plot: matplotlib is not installed (pip install 'attnx[plot]')")
+    elif rows:
         plot(rows, out / f"{args.name}_latency_vs_seq.png")
-    print(f"wrote {out / args.name}.json, .md, _latency_vs_seq.png")
+        wrote += ", _latency_vs_seq.png"
+    print(f"wrote {wrote}")
     return 0
 
 

@@ -43,6 +43,7 @@ def export_module(
     grid: list[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
     variants: tuple[str, ...] | None = None,
+    value_ranges: Mapping[str, tuple[int, int] | None] | None = None,
 ) -> ExportResult:
     """Export any module: ``export_module(m, {"x": x}, dynamic={"x": {0: "batch", 1: "seq"}},
     out="artifacts")``. Raises ExportError (naming the stage) or ParityError.
@@ -50,6 +51,8 @@ def export_module(
     ``dynamic`` maps an input name to {axis: dim name} or {axis: (dim name, min, max)};
     ``dims`` gives ranges for names declared without one. Parity runs over the default grid of
     those dims unless ``grid`` is given; ``out`` None skips writing a bundle.
+    ``value_ranges`` gives integer inputs their allowed (min, max) values, both inclusive
+    (None: no range); an input that indexes an embedding table gets its rows by default.
     """
     spec = spec_from_module(
         module,
@@ -59,5 +62,6 @@ def export_module(
         name=name,
         output_names=output_names,
         tolerance=tolerance,
+        value_ranges=value_ranges,
     )
     return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress, variants=variants)

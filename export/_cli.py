@@ -42,7 +42,30 @@ def add_commands(subparsers) -> None:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _ARGUMENTS[name](parser)
-        parser.set_defaults(func=command)
+        parser.set_defaults(func=_with_torch(name, command))
+
+
+def _with_torch(name: str, command):
+    """The export commands need the [export] extra; a runtime-only install says so in one line
+    instead of a traceback from deep inside an import."""
+
+    def run(args) -> int:
+        need_export_extra(name)
+        return command(args)
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+def need_export_extra(command: str) -> None:
+    for module in ("torch", "onnxscript"):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UsageError(
+                f"`attnx {command}` needs {module} ({err}); install the export extra: "
+                "pip install 'attnx[export]'"
+            ) from None
 
 
 def _extend_bench(bench) -> None:
@@ -56,6 +79,8 @@ def _extend_bench(bench) -> None:
     runtime_bench = bench.get_default("func")
 
     def cmd_bench(args) -> int:
+        if args.vs_torch:
+            need_export_extra("bench --vs-torch")
         code = runtime_bench(args)
         if args.vs_torch:
             for path in args.bundles:

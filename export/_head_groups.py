@@ -35,6 +35,11 @@ HEAD_GROUPS = 4  # two heads per kernel call at 8 heads: both threads of a 2-cor
 LOOP_MIN_SEQ = 512
 GQA = ("com.microsoft", "GroupQueryAttention")
 QUANTIZED_MATMUL = "DynamicQuantizeMatMul"  # com.microsoft: float A, int8 B, per-column scales
+# 7-bit weights, as onnxruntime's quantizer writes them with reduce_range: on x86-64 without
+# VNNI (AVX2, AVX-512 without VNNI) MLAS multiplies uint8 activations by int8 weights with
+# VPMADDUBSW, whose sum of two products saturates at 32767. 2 * 255 * 64 = 32640 stays below it,
+# so the product is exact on every x86-64 CPU; 2 * 255 * 127 halves a full-scale dot product.
+WEIGHT_MAX = 64
 FLOAT = onnx.TensorProto.FLOAT
 
 
@@ -202,11 +207,13 @@ def _stacked(match, groups: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., d_in, n] float -> (int8 weights, float32 scales [..., n]): symmetric per column
-    (zero point 0), as onnxruntime's dynamic quantizer quantizes MatMul weights per channel."""
-    scales = np.abs(weight).max(axis=-2) / 127.0
+    """[..., d_in, n] float -> (int8 weights in [-WEIGHT_MAX, WEIGHT_MAX], float32 scales
+    [..., n]): symmetric per column (zero point 0), as onnxruntime's dynamic quantizer
+    quantizes MatMul weights per channel with reduce_range."""
+    scales = np.abs(weight).max(axis=-2) / float(WEIGHT_MAX)
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(weight / scales[..., None, :]), -127, 127).astype(np.int8)
+    quantized = np.rint(weight / scales[..., None, :])
+    quantized = np.clip(quantized, -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
     return quantized, scales
 
 

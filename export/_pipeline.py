@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from runtime import (
+    AttnxError,
     OutputParity,
     ParityError,
     ParityRecord,
@@ -33,7 +34,7 @@ from ._decode import decode_stage
 from ._errors import STAGES, ExportError
 from ._grid import default_grid
 from ._spec import ExportSpec
-from ._variants import CPU, LOSSY, VariantBuild, build_variants, time_variants
+from ._variants import CPU, LOSSY, VariantBuild, build_variants, first_line, time_variants
 
 # Opset 18 is the one torch's ONNX translation library is written at, so the graph needs no
 # version conversion, and it runs on every onnxruntime from 1.14 on (Triton images, mobile and
@@ -107,7 +108,9 @@ def run_pipeline(
 
     model = _stage(status, 1, say, lambda: capture(spec, opset))
     _stage(status, 2, say, lambda: check_graph(model, spec))
-    builds = _stage(status, 3, say, lambda: build_variants(spec, model, opset, variants))
+    builds = _stage(
+        status, 3, say, lambda: build_variants(spec, model, opset, variants, status.dropped)
+    )
     status.stage(3).detail = ", ".join(builds)
     variants = {name: b.model for name, b in builds.items()}
     records = _stage(status, 4, say, lambda: _parity(spec, builds, grid, status))
@@ -131,6 +134,13 @@ def _parity(spec, builds, grid, status: ExportStatus) -> list[ParityRecord]:
     variant that misses is dropped from the bundle with the reason noted, never kept."""
     records = measure_grid(spec, builds, grid)
     base = [r for r in records if r.variant == "base"]
+    refused = next((o.note for r in base for o in r.outputs if o.note.startswith(REFUSED)), "")
+    if refused:
+        raise ExportError(
+            f"the base graph: {refused}",
+            stage=4,
+            hint="try another --opset; the exporter wrote a graph this onnxruntime cannot load",
+        )
     status.stage(4).detail = f"{sum(r.passed for r in base)}/{len(base)} points passed"
     try:
         check(base)
@@ -144,6 +154,7 @@ def _parity(spec, builds, grid, status: ExportStatus) -> list[ParityRecord]:
             status.dropped[name] = reason
             del builds[name]
     if status.dropped:
+        # Variants dropped while building are named too: the detail lists every one left out.
         status.stage(4).detail += "; dropped " + ", ".join(status.dropped)
     return [r for r in records if r.variant in builds]
 
@@ -161,17 +172,33 @@ def _variant_miss(spec, name, build: VariantBuild, records, status) -> str:
     return ""
 
 
+# What a stage was doing when something untyped escaped it, and what to try next.
+STAGE_FAILURES = {
+    1: ("capturing the module failed", "run torch.export.export on the module for the trace"),
+    2: ("checking the graph failed", "try another --opset"),
+    3: ("building the variants failed", "export with --variants base"),
+    4: (
+        "running the parity grid failed",
+        "run the module and the base graph at the failing shape by hand",
+    ),
+    5: ("writing the bundle failed", "check that the output folder is writable and has space"),
+}
+
+
 def _stage(status: ExportStatus, index: int, say: Progress, work):
     stage = status.stage(index)
     stage.state = "running"
     t0 = time.perf_counter()
     try:
         result = work()
-    except Exception:
+    except Exception as err:
         stage.state = "failed"
         stage.seconds = time.perf_counter() - t0
         say(_line(status, index))
-        raise
+        if isinstance(err, AttnxError):
+            raise
+        what, hint = STAGE_FAILURES[index]
+        raise ExportError(f"{what}: {first_line(err)}", stage=index, hint=hint) from err
     stage.state = "ok"
     stage.seconds = time.perf_counter() - t0
     say(_line(status, index))
@@ -369,7 +396,11 @@ def measure_grid(
                 continue  # fp16 is for CUDA; `attnx verify --provider cuda` checks it there
             model, tolerance = model.model, model.tolerance
         table = ToleranceTable(by_dtype=dict(tolerance))
-        session = make_session(model)
+        try:
+            session = make_session(model)
+        except _ort_failure() as err:
+            records.append(_refused(spec, variant, grid[0], table, err))
+            continue
         names = [o.name for o in session.get_outputs()]
         for point in grid:
             feed = spec.make_inputs(point)
@@ -387,14 +418,27 @@ def measure_grid(
 
 
 def _ort_failure() -> tuple[type[BaseException], ...]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    from runtime._session import ort_errors
 
-    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented)
+    return ort_errors()
 
 
-def _run_failed(expected, table: ToleranceTable, err: BaseException) -> list[OutputParity]:
+REFUSED = "onnxruntime refused to load the graph"
+
+
+def _refused(spec, variant: str, point, table: ToleranceTable, err: BaseException) -> ParityRecord:
+    """A failing record for a graph that onnxruntime refused to load: for an optional variant
+    the reason it is dropped, for the base graph the reason the export fails."""
+    expected = eager_outputs(spec, spec.make_inputs(point), [])
+    outputs = _run_failed(expected, table, err, REFUSED)
+    return parity_record(variant, PROVIDER, point, outputs)
+
+
+def _run_failed(
+    expected, table: ToleranceTable, err: BaseException, what: str = "onnxruntime failed"
+) -> list[OutputParity]:
     """Failing records for every output of a run that onnxruntime refused."""
-    reason = f"onnxruntime failed: {str(err).splitlines()[0][:240]}"
+    reason = f"{what}: {str(err).splitlines()[0][:240]}"
     nan = float("nan")
     outputs = []
     for name, ref in expected.items():

@@ -48,6 +48,9 @@ class ExportSpec:
     example_inputs: Mapping[str, torch.Tensor] | None = None
     # Free-form JSON copied into manifest.json's "extra" (e.g. the KV-cache layout).
     extra: Mapping[str, object] = field(default_factory=dict)
+    # Declared (min, max) values of integer inputs, both inclusive; None: no range. Inputs not
+    # named here take the range of the embedding table they index (export/_ranges.py).
+    value_ranges: Mapping[str, tuple[int, int] | None] = field(default_factory=dict)
 
     def example_feed(self) -> dict[str, torch.Tensor]:
         if self.example_inputs is not None:
@@ -96,6 +99,7 @@ def spec_from_module(
     output_names: tuple[str, ...] | None = None,
     tolerance: Mapping[str, Tolerance] | None = None,
     source: Mapping[str, object] | None = None,
+    value_ranges: Mapping[str, tuple[int, int] | None] | None = None,
 ) -> ExportSpec:
     """ExportSpec of any module.
 
@@ -105,11 +109,17 @@ def spec_from_module(
         dynamic: per input, axis -> dim name, or axis -> (dim name, min, max). A dim name shared
             by several inputs is one symbolic size.
         dims: ranges of dim names declared without one (default DEFAULT_DIM_RANGE).
+        value_ranges: per integer input, (min, max) values, both inclusive, or None for no
+            range; by default an input that indexes an embedding table gets its rows.
 
     Inputs at other shapes are made like the examples: floats standard normal, integers
-    uniform in [0, max(example) + 1), booleans True with the example's fraction of True.
+    uniform in their declared range, else in [0, max(example) + 1), booleans True with the
+    example's fraction of True.
     """
+    from ._ranges import check_declared
+
     feed = _named_inputs(module, example_inputs)
+    declared = check_declared(value_ranges or {}, {n: t.dtype for n, t in feed.items()})
     ranges, axes = _parse_dynamic(dynamic or {}, dims or {}, feed)
     example = {}
     for input_name, input_axes in axes.items():
@@ -128,10 +138,11 @@ def spec_from_module(
         output_names=tuple(output_names) if output_names else None,
         dims=ranges,
         example=example,
-        make_inputs=_like_examples(decls, feed),
+        make_inputs=_like_examples(decls, feed, declared),
         tolerance=dict(tolerance or {}),
         source=dict(source or {"target": None, "class": f"{cls.__module__}.{cls.__qualname__}"}),
         example_inputs=feed,
+        value_ranges=declared,
     )
 
 
@@ -183,22 +194,25 @@ def _parse_dynamic(dynamic, dims, feed):
     return ranges, axes
 
 
-def _like_examples(decls, feed):
+def _like_examples(decls, feed, value_ranges):
     def make(point: Mapping[str, int]) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(sum(point.values()) * 7919 + len(point))
         out = {}
         for decl in decls:
             shape = [point[d] if isinstance(d, str) else d for d in decl.shape]
-            out[decl.name] = _random_like(feed[decl.name], shape, gen)
+            bounds = value_ranges.get(decl.name)
+            out[decl.name] = _random_like(feed[decl.name], shape, gen, bounds)
         return out
 
     return make
 
 
-def _random_like(example: torch.Tensor, shape, gen) -> torch.Tensor:
+def _random_like(example: torch.Tensor, shape, gen, bounds=None) -> torch.Tensor:
     if example.dtype == torch.bool:
         return torch.rand(shape, generator=gen) < example.float().mean().item()
     if example.dtype.is_floating_point:
         return torch.randn(shape, generator=gen).to(example.dtype)
+    if bounds is not None:
+        return torch.randint(bounds[0], bounds[1] + 1, shape, generator=gen, dtype=example.dtype)
     high = int(example.max().item()) + 1 if example.numel() else 1
     return torch.randint(0, max(high, 1), shape, generator=gen, dtype=example.dtype)

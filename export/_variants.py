@@ -13,8 +13,8 @@ Each variant is a separate ONNX file with its own providers, tolerance and parit
   For the CPU: onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so on CUDA
   the float32 graph's kernels and Loops fall back to the CPU (21.5x torch at seq 4096 on an
   H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
-- ``int8``: dynamic int8 quantization of the fused graph's MatMuls (weights per channel), the
-  head-group Loop's projections included.
+- ``int8``: dynamic int8 quantization of the fused graph's MatMuls (7-bit weights per channel,
+  exact on CPUs with and without VNNI), the head-group Loop's projections included.
 - ``fp16``: the fused graph in float16 with float32 inputs and outputs, for CUDA only.
 
 A variant is kept only when its op census differs from the graph it was derived from: a
@@ -129,9 +129,14 @@ def op_census(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def build_variants(
-    spec: ExportSpec, base: onnx.ModelProto, opset: int, names: tuple[str, ...] | None
+    spec: ExportSpec,
+    base: onnx.ModelProto,
+    opset: int,
+    names: tuple[str, ...] | None,
+    dropped: dict[str, str] | None = None,
 ) -> dict[str, VariantBuild]:
-    """The base graph plus every requested variant whose census differs from its source."""
+    """The base graph plus every requested variant whose census differs from its source. An
+    optional variant that fails to build is left out with the reason in ``dropped``."""
     wanted = DEFAULT_VARIANTS if names is None else names
     unknown = sorted(set(wanted) - set(DEFAULT_VARIANTS) - {"base"})
     if unknown:
@@ -139,36 +144,54 @@ def build_variants(
             f"unknown variants {unknown}; known: {', '.join(('base', *DEFAULT_VARIANTS))}",
             stage=3,
         )
+    failed: dict[str, str] = {}
     tolerance = dict(spec.tolerance)
     builds = {"base": VariantBuild(base, ALL_PROVIDERS, tolerance, census=op_census(base))}
     has_softmax = any(n.op_type == "Softmax" for n in base.graph.node)
     if "attention23" in wanted and opset < ATTENTION_OPSET and has_softmax:
-        model = _native(spec)
-        _keep(builds, "attention23", VariantBuild(model, ALL_PROVIDERS, tolerance, "base"))
+        native = _attempt(failed, "attention23", lambda: _native(spec))
+        if native is not None:
+            _keep(builds, "attention23", VariantBuild(native, ALL_PROVIDERS, tolerance, "base"))
     kernels = base
     if {"fused", "int8", "fp16"} & set(wanted):
-        kernels = _fused(spec, base, opset)
-        fused = VariantBuild(_long(spec, kernels), FUSED_PROVIDERS, tolerance, "base")
-        _keep(builds, "fused", fused)
+        routed = _attempt(failed, "fused", lambda: _fused(spec, base, opset))
+        kernels = base if routed is None else routed
+        fused = _attempt(failed, "fused", lambda: _long(spec, kernels))
+        if fused is not None:
+            _keep(builds, "fused", VariantBuild(fused, FUSED_PROVIDERS, tolerance, "base"))
     source = builds.get("fused", builds["base"])
     if "int8" in wanted:
         # The head-group rewrite quantizes the projections it takes over (gathered weights are
         # no constant MatMul operand for the quantizer); the quantizer takes the rest.
-        int8 = _int8(_long(spec, kernels, int8=True))
+        int8 = _attempt(failed, "int8", lambda: _int8(_long(spec, kernels, int8=True)))
         if int8 is not None:
             build = VariantBuild(int8, (CPU,), _lossy(spec, INT8_TOLERANCE), "fused")
             _keep(builds, "int8", build, against=source)
     if "fp16" in wanted:
-        fp16 = _fp16(source.model)
-        _keep(
-            builds,
-            "fp16",
-            VariantBuild(fp16, (CUDA,), _lossy(spec, FP16_TOLERANCE), "fused"),
-            against=source,
-        )
+        fp16 = _attempt(failed, "fp16", lambda: _fp16(source.model))
+        if fp16 is not None:
+            build = VariantBuild(fp16, (CUDA,), _lossy(spec, FP16_TOLERANCE), "fused")
+            _keep(builds, "fp16", build, against=source)
     if "fused" not in wanted:
         builds.pop("fused", None)
+    if dropped is not None:
+        dropped.update({name: why for name, why in failed.items() if name in wanted})
     return builds
+
+
+def _attempt(failed: dict[str, str], name: str, make):
+    """make(), or None with the reason in ``failed``: an optional variant never breaks the
+    export, whatever its exporter, rewriter or quantizer raises."""
+    try:
+        return make()
+    except Exception as err:  # noqa: BLE001 - recorded in the manifest, not swallowed
+        failed.setdefault(name, f"failed to build: {first_line(err)}")
+        return None
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    text = next((line for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text.strip()[:limit]}" if text else type(err).__name__
 
 
 DEFAULT_VARIANTS = ("attention23", "fused", "int8", "fp16")
@@ -243,11 +266,14 @@ def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:
     with _quiet_root(), tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, source)
+        # reduce_range: 7-bit weights, exact on CPUs without VNNI (export/_head_groups.py,
+        # WEIGHT_MAX); the same graph then runs the same numbers on every x86-64 CPU.
         quantize_dynamic(
             source,
             target,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=True,
             op_types_to_quantize=["MatMul"],
             extra_options={"MatMulConstBOnly": True},
         )

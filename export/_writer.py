@@ -23,15 +23,19 @@ from runtime import (
     FileEntry,
     Golden,
     GoldenCase,
+    Machine,
     Manifest,
     ParityRecord,
     TensorSpec,
+    ValueRange,
     Variant,
     report_markdown,
 )
 from runtime._atomic import replace_dir
+from runtime._cpu import cpu_features, describe_features, machine_arch
 
 from ._errors import ExportError
+from ._ranges import value_ranges
 from ._spec import ExportSpec
 from ._variants import LOSSY, VariantBuild, timing_point
 
@@ -119,8 +123,15 @@ def _tensor_specs(graph_values) -> tuple[TensorSpec, ...]:
 
 def _manifest(spec, variants, records, golden, folder, files, opset, status) -> Manifest:
     base = variants["base"].model
+    ranges = value_ranges(base, spec.value_ranges)
     inputs = tuple(
-        TensorSpec(d.name, str(d.dtype).removeprefix("torch."), tuple(d.shape)) for d in spec.inputs
+        TensorSpec(
+            d.name,
+            str(d.dtype).removeprefix("torch."),
+            tuple(d.shape),
+            ValueRange(*ranges[d.name]) if d.name in ranges else None,
+        )
+        for d in spec.inputs
     )
     return Manifest(
         name=spec.name,
@@ -149,6 +160,8 @@ def _manifest(spec, variants, records, golden, folder, files, opset, status) -> 
                 "dropped_variants": dict(status.dropped),
             }
         ),
+        # The machine whose onnxruntime measured the parity records and the timings.
+        machine=Machine(machine_arch(), cpu_features()),
     )
 
 
@@ -213,6 +226,9 @@ def _report(spec: ExportSpec, manifest: Manifest, status) -> str:
         "Dynamic dims: "
         + ", ".join(f"`{n}` in [{r.min}, {r.max}]" for n, r in manifest.dims.items()),
         "",
+        *_ranges_lines(manifest),
+        f"Measured on: {manifest.machine.arch}, {describe_features(manifest.machine.cpu_features)}",
+        "",
         "## Export stages",
         "",
         "| stage | state | seconds | detail |",
@@ -228,6 +244,14 @@ def _report(spec: ExportSpec, manifest: Manifest, status) -> str:
         report_markdown(manifest.parity),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ranges_lines(manifest: Manifest) -> list[str]:
+    ranged = [t for t in manifest.inputs if t.value_range is not None]
+    if not ranged:
+        return []
+    text = ", ".join(f"`{t.name}` in [{t.value_range.min}, {t.value_range.max}]" for t in ranged)
+    return [f"Value ranges: {text}", ""]
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -7,12 +7,15 @@ Errors (runtime._errors)
 
 Manifest types (runtime._manifest; frozen dataclasses, exact manifest.json schema)
     Manifest(name, source, producer, opset, inputs, outputs, dims, files, variants, parity,
-             golden, extra={}, format="attnx.bundle", format_version=FORMAT_VERSION)
+             golden, extra={}, machine=None, format="attnx.bundle",
+             format_version=FORMAT_VERSION)
         .from_dict(d) / .loads(text) -> Manifest   strict: ArtifactError("manifest.json: key: ...")
         .to_dict() / .to_json()                       sorted keys, indent 2, strict JSON
         .input_names, .output_names, .variant(name), .file(path)
-    TensorSpec(name, dtype, shape)     shape entries: int | dim name | (outputs) expression
-    DimRange(min, max)    FileEntry(path, sha256, size)    Tolerance(atol, rtol)
+    TensorSpec(name, dtype, shape, value_range=None)
+                           shape entries: int | dim name | (outputs) expression
+    DimRange(min, max)    ValueRange(min, max)    FileEntry(path, sha256, size)
+    Machine(arch, cpu_features)    Tolerance(atol, rtol)
     Variant(name, file, providers, tolerance={}, outputs_tolerance={})
     OutputParity(name, dtype, shape, max_abs, max_rel, mean_abs, mismatch_fraction, worst_index,
                  nan_count, inf_count, atol, rtol, min_atol, passed, note="")
@@ -36,7 +39,7 @@ Bundles and running (onnxruntime imported lazily, only when a session is made)
     GoldenSample(point, inputs, outputs)          arrays by tensor name
     validate_feed(manifest, feed, *, reject_nonfinite=False, weights=()) -> dict[str, ndarray]
     Runner(bundle_path_or_Bundle, *, provider="auto", variant=None, threads=None,
-           reject_nonfinite=False)               context manager
+           reject_nonfinite=False, note_cpu=True)  context manager
         .run(feed) -> dict[str, ndarray]; .validate(feed); .placement(feed) -> {node: provider}
         .manifest, .variant, .provider, .session, .session_seconds, .close()
     choose_variant(manifest, provider, name=None) -> Variant
@@ -68,11 +71,13 @@ from ._manifest import (
     FileEntry,
     Golden,
     GoldenCase,
+    Machine,
     Manifest,
     OutputParity,
     ParityRecord,
     TensorSpec,
     Tolerance,
+    ValueRange,
     Variant,
 )
 from ._parity import (
@@ -121,6 +126,7 @@ __all__ = [
     "Golden",
     "GoldenCase",
     "InputError",
+    "Machine",
     "Manifest",
     "OutputParity",
     "ParityError",
@@ -129,6 +135,7 @@ __all__ = [
     "TensorSpec",
     "Tolerance",
     "ToleranceTable",
+    "ValueRange",
     "Variant",
     "available_providers",
     "check",

@@ -21,7 +21,9 @@ from typing import Any
 from ._errors import ArtifactError
 
 FORMAT = "attnx.bundle"
-FORMAT_VERSION = 1
+# 2: inputs may carry a value_range, and the manifest the machine that measured it. Version-1
+# bundles have neither and load as they are.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 # Far above any real manifest (a large shape grid is well under 1 MiB), far below a memory DoS.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -39,13 +41,23 @@ NONFINITE_TEXT = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 @dataclass(frozen=True)
+class ValueRange:
+    """Allowed values of an integer input, both ends inclusive (token ids: 0..vocab - 1)."""
+
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output. `shape` entries: int (static), dim name, or (outputs only)
-    a derived expression such as "past + seq"."""
+    a derived expression such as "past + seq". `value_range`: integer inputs only; ONNX
+    Gather wraps a negative index where torch raises, so the validator enforces it."""
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    value_range: ValueRange | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,14 @@ class DimRange:
 
     min: int
     max: int
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine that measured the bundle's parity records and timings (runtime._cpu)."""
+
+    arch: str
+    cpu_features: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,7 @@ class Manifest:
     parity: tuple[ParityRecord, ...]
     golden: Golden
     extra: Mapping[str, Any] = field(default_factory=dict)
+    machine: Machine | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -271,6 +292,12 @@ def _int(value: Any, where: str, minimum: int = 0) -> int:
     return value
 
 
+def _any_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, f"expected an integer, got {_show(value)}")
+    return value
+
+
 def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise _fail(where, f"expected true or false, got {_show(value)}")
@@ -335,7 +362,7 @@ def _names_map(value: Any, where: str, expected: list[str]) -> dict[str, str]:
 
 
 def _tensor(value: Any, where: str, dims: Mapping[str, DimRange], is_input: bool) -> TensorSpec:
-    d = _keys(value, where, ("name", "dtype", "shape"))
+    d = _keys(value, where, ("name", "dtype", "shape"), ("value_range",) if is_input else ())
     shape = []
     for i, entry in enumerate(_list(d["shape"], f"{where}.shape")):
         at = f"{where}.shape[{i}]"
@@ -348,8 +375,28 @@ def _tensor(value: Any, where: str, dims: Mapping[str, DimRange], is_input: bool
             shape.append(_str(entry, at))  # outputs may use derived expressions
         else:
             shape.append(_int(entry, at))
-    return TensorSpec(_str(d["name"], f"{where}.name"), _dtype(d["dtype"], f"{where}.dtype"),
-                      tuple(shape))
+    dtype = _dtype(d["dtype"], f"{where}.dtype")
+    value_range = None
+    if "value_range" in d:
+        value_range = _value_range(d["value_range"], f"{where}.value_range", dtype)
+    return TensorSpec(_str(d["name"], f"{where}.name"), dtype, tuple(shape), value_range)
+
+
+def _value_range(value: Any, where: str, dtype: str) -> ValueRange:
+    if "int" not in dtype:
+        raise _fail(where, f"only integer inputs take a value range, not {dtype}")
+    d = _keys(value, where, ("min", "max"))
+    lo, hi = _any_int(d["min"], f"{where}.min"), _any_int(d["max"], f"{where}.max")
+    if hi < lo:
+        raise _fail(where, f"max ({hi}) is below min ({lo})")
+    return ValueRange(lo, hi)
+
+
+def _machine(value: Any) -> Machine:
+    d = _keys(value, "machine", ("arch", "cpu_features"))
+    features = _list(d["cpu_features"], "machine.cpu_features")
+    return Machine(_str(d["arch"], "machine.arch"), tuple(
+        _str(f, f"machine.cpu_features[{i}]") for i, f in enumerate(features)))
 
 
 def _dims(value: Any) -> dict[str, DimRange]:
@@ -484,7 +531,7 @@ def _parse_manifest(d: Any) -> Manifest:
         if version > FORMAT_VERSION:
             raise _fail("format_version", f"bundle format_version {version} is newer than this "
                         f"attnx supports ({FORMAT_VERSION}); upgrade attnx")
-    d = _keys(d, "", _TOP_KEYS, ("extra",))
+    d = _keys(d, "", _TOP_KEYS, ("extra", "machine"))
     if d["format"] != FORMAT:
         raise _fail("format", f"expected {FORMAT!r}, got {_show(d['format'])}")
     dims = _dims(d["dims"])
@@ -522,6 +569,7 @@ def _parse_manifest(d: Any) -> Manifest:
                      for i, p in enumerate(_list(d["parity"], "parity"))),
         golden=_golden(d["golden"], paths, dims, [t.name for t in inputs], out_names),
         extra=_obj(d.get("extra", {}), "extra"),
+        machine=_machine(d["machine"]) if "machine" in d else None,
         format=d["format"],
         format_version=_int(d["format_version"], "format_version", minimum=1),
     )
@@ -562,8 +610,18 @@ def parity_record_dict(r: ParityRecord) -> dict[str, Any]:
             "passed": r.passed, "outputs": [_output_parity_dict(o) for o in r.outputs]}
 
 
+def _tensor_dict(t: TensorSpec) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+    if t.value_range is not None:
+        d["value_range"] = {"min": t.value_range.min, "max": t.value_range.max}
+    return d
+
+
 def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
-    tensor = lambda t: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
+    machine = {}
+    if m.machine is not None:
+        machine["machine"] = {"arch": m.machine.arch,
+                              "cpu_features": list(m.machine.cpu_features)}
     return {
         "format": m.format,
         "format_version": m.format_version,
@@ -571,8 +629,8 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
         "source": dict(m.source),
         "producer": dict(m.producer),
         "opset": m.opset,
-        "inputs": [tensor(t) for t in m.inputs],
-        "outputs": [tensor(t) for t in m.outputs],
+        "inputs": [_tensor_dict(t) for t in m.inputs],
+        "outputs": [_tensor_dict(t) for t in m.outputs],
         "dims": {k: {"min": r.min, "max": r.max} for k, r in m.dims.items()},
         "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in m.files],
         "variants": [
@@ -586,4 +644,5 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
             {"point": dict(c.point), "inputs": dict(c.inputs), "outputs": dict(c.outputs)}
             for c in m.golden.cases]},
         "extra": dict(m.extra),
+        **machine,
     }

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._bundle import Bundle, load_bundle
+from ._cpu import KERNEL_FEATURES, cpu_features, describe_features
 from ._errors import ArtifactError, AttnxError, InputError, ProviderError
 from ._manifest import Manifest, Variant
-from ._session import CUDA, create_session, node_placement, ort_errors, resolve_provider
+from ._session import CPU, CUDA, create_session, node_placement, ort_errors, resolve_provider
 from ._validate import Sizes, check_feed, shape_problems
 
 logger = logging.getLogger("attnx.runtime")
@@ -62,6 +63,23 @@ def is_lossy(manifest: Manifest, variant: Variant) -> bool:
     picks them unless asked by name."""
     notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
     return bool(notes.get(variant.name, {}).get("lossy", False))
+
+
+def measured_elsewhere(manifest: Manifest, variant: Variant, provider: str) -> str:
+    """One line when a lossy variant runs on a CPU whose kernel features differ from those of
+    the machine that measured its parity (int8 sums saturate without VNNI); "" otherwise."""
+    if provider != CPU or not is_lossy(manifest, variant):
+        return ""
+    here = cpu_features()
+    if manifest.machine is None:
+        there = "an unrecorded CPU"
+    else:
+        recorded = tuple(f for f in manifest.machine.cpu_features if f in KERNEL_FEATURES)
+        if recorded == here:
+            return ""
+        there = f"a CPU with {describe_features(recorded)}"
+    return (f"variant {variant.name!r} of {manifest.name!r} is lossy and its parity was "
+            f"measured on {there}; this CPU has {describe_features(here)}")
 
 
 def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -> Variant:
@@ -108,12 +126,13 @@ class Runner:
 
     provider: "auto" | "cpu" | "cuda"; variant: a name, or None for the preferred variant
     that passed parity on the provider; threads: intra-op threads (default: usable CPUs);
-    reject_nonfinite: refuse NaN/Inf inputs (InputError).
+    reject_nonfinite: refuse NaN/Inf inputs (InputError); note_cpu: log one warning line when
+    a lossy variant runs on a CPU of another kind than the one that measured its parity.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, provider: str = "auto",
                  variant: str | None = None, threads: int | None = None,
-                 reject_nonfinite: bool = False):
+                 reject_nonfinite: bool = False, note_cpu: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = self.bundle.manifest
         self.provider = resolve_provider(provider)
@@ -131,6 +150,10 @@ class Runner:
                 self.skipped[chosen.name] = str(err)
                 logger.warning("attnx: variant %s skipped: %s", chosen.name, err)
         self._errors = ort_errors()
+        elsewhere = measured_elsewhere(self.manifest, self.variant, self.provider)
+        if elsewhere and note_cpu:
+            logger.warning("attnx: %s; `attnx verify %s` re-checks it here", elsewhere,
+                           self.bundle.dir)
 
     def _open(self, variant: Variant, threads: int | None) -> None:
         self.variant = variant

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from ._errors import InputError
-from ._manifest import DimRange, Manifest, TensorSpec
+from ._manifest import DimRange, Manifest, TensorSpec, ValueRange
 
 Sizes = dict[str, tuple[int, str]]  # dim name -> (size, the input that fixed it)
 
@@ -89,7 +89,22 @@ def _check_input(spec: TensorSpec, arr, dims: Mapping[str, DimRange], sizes: Siz
     arr = np.ascontiguousarray(arr)
     if reject_nonfinite and arr.dtype.kind == "f":
         problems += _nonfinite_problems(label, arr)
+    if spec.value_range is not None:
+        problems += _value_problems(label, arr, spec.value_range)
     return arr
+
+
+def _value_problems(label: str, arr: np.ndarray, allowed: ValueRange) -> list[str]:
+    """ONNX Gather wraps a negative index and fails deep inside onnxruntime on one past the
+    table, where torch's embedding raises: both are the caller's error, named here."""
+    outside = (arr < allowed.min) | (arr > allowed.max)
+    if arr.size == 0 or not outside.any():
+        return []
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(outside)), arr.shape))
+    count = int(outside.sum())
+    more = f" ({count} values outside)" if count > 1 else ""
+    return [f"{label}: value {arr[first].item()} at index {list(first)} is outside its range "
+            f"{allowed.min} <= value <= {allowed.max}{more}"]
 
 
 def shape_problems(label: str, spec: TensorSpec, shape: tuple[int, ...],

@@ -61,3 +61,29 @@ def test_run_reproduces_golden_without_torch(zoo_bundles, no_torch_env, tmp_path
         assert sorted(got.files) == sorted(expected)
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture
+def without_torch_env(tmp_path):
+    """torch and onnxscript absent as on a runtime-only install: importing them raises
+    ModuleNotFoundError, as it does where they were never installed."""
+    blocker = tmp_path / "absent"
+    blocker.mkdir()
+    for name in ("torch", "onnxscript"):
+        (blocker / f"{name}.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{name}'\", name='{name}')\n"
+        )
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+
+
+@pytest.mark.parametrize("args", [["export", "learned_pe"], ["list"], ["check", "."]],
+                         ids=["export", "list", "check"])
+def test_export_commands_without_torch_print_one_line_and_exit_2(without_torch_env, tmp_path,
+                                                                  args):
+    proc = _attnx(args, without_torch_env, tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"attnx: error: `attnx {args[0]}` needs torch (No module named 'torch'); install the "
+        "export extra: pip install 'attnx[export]'"
+    ]

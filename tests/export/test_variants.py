@@ -4,7 +4,10 @@ fusion, a variant that misses is dropped with its reason, and the runner picks t
 import dataclasses
 import json
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from export import ExportError, run_pipeline, spec_from_zoo
 from export._variants import INT8_TOLERANCE, build_variants, op_census
@@ -128,3 +131,129 @@ def test_scaled_zoo_builds_the_same_entries_bigger():
     x = entry.make_inputs({"batch": 1, "seq": 3})["x"]
     assert tuple(x.shape) == (1, 3, 96)
     assert entry.build()(x).shape == (1, 3, 96)
+
+
+# --- an optional variant never breaks an export --------------------------------------------
+
+
+def _refused_by_onnxruntime(spec, base, opset):
+    """A graph onnx accepts and onnxruntime refuses to load: an op it has no kernel for."""
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    out = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("NoSuchKernel", [out], ["unused"],
+                                                  domain="com.microsoft"))
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_a_variant_onnxruntime_refuses_to_load_is_dropped_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr("export._variants._fused", _refused_by_onnxruntime)
+    spec = spec_from_zoo(zoo.get("learned_pe"))
+    result = run_pipeline(spec, out=tmp_path, variants=("fused",))
+    assert set(result.variants) == {"base"} and result.passed
+    manifest = json.loads((tmp_path / "learned_pe" / "manifest.json").read_text())
+    reason = manifest["extra"]["dropped_variants"]["fused"]
+    assert "onnxruntime refused to load the graph" in reason and "NoSuchKernel" in reason
+    assert [v["name"] for v in manifest["variants"]] == ["base"]
+    assert "dropped fused" in result.status.stage(4).detail
+
+
+def test_a_variant_that_fails_to_build_is_dropped_with_its_reason(tmp_path, monkeypatch):
+    def broken(model):
+        raise RuntimeError("quantizer exploded\nsecond line")
+
+    monkeypatch.setattr("export._variants._int8", broken)
+    spec = spec_from_zoo(zoo.get("mha_self"))
+    result = run_pipeline(spec, out=tmp_path, grid=[dict(spec.example)], variants=("int8",))
+    assert "int8" not in result.variants and "base" in result.variants
+    manifest = json.loads((tmp_path / "mha_self" / "manifest.json").read_text())
+    assert manifest["extra"]["dropped_variants"] == {
+        "int8": "failed to build: RuntimeError: quantizer exploded"
+    }
+
+
+def test_the_base_graph_refused_by_onnxruntime_is_an_export_error(monkeypatch):
+    import export._pipeline as pipeline
+
+    capture = pipeline.capture
+    monkeypatch.setattr(
+        pipeline, "capture", lambda spec, opset, **kw: _refused_by_onnxruntime(
+            spec, capture(spec, opset, **kw), opset)
+    )
+    spec = spec_from_zoo(zoo.get("learned_pe"))
+    with pytest.raises(
+        ExportError,
+        match=r"stage 4/5 \(parity\): the base graph: onnxruntime refused to load the graph: "
+        r".*NoSuchKernel.*; next: try another --opset",
+    ):
+        run_pipeline(spec, out=None, variants=())
+
+
+@pytest.mark.parametrize("stage, target", [(2, "check_graph"), (4, "measure_grid")])
+def test_an_untyped_failure_inside_a_stage_is_an_export_error_naming_it(monkeypatch, stage,
+                                                                         target):
+    from export._pipeline import STAGE_FAILURES
+
+    def fail(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(f"export._pipeline.{target}", fail)
+    spec = spec_from_zoo(zoo.get("learned_pe"))
+    what, hint = STAGE_FAILURES[stage]
+    with pytest.raises(ExportError, match=rf"stage {stage}/5 .*: {what}: KeyError: 'boom'; "
+                       rf"next: {hint}") as caught:
+        run_pipeline(spec, out=None, variants=())
+    assert isinstance(caught.value.__cause__, KeyError)  # the trace stays for the API user
+
+
+# --- int8 on every x86-64 CPU --------------------------------------------------------------
+
+
+def _int8_weights(model):
+    """Every int8 weight a quantized MatMul multiplies by, Loop bodies included."""
+    found = []
+
+    def visit(graph, inits):
+        inits = {**inits, **{t.name: t for t in graph.initializer}}
+        for node in graph.node:
+            if node.op_type in ("DynamicQuantizeMatMul", "MatMulInteger"):
+                tensor = inits.get(node.input[1])
+                if tensor is not None and tensor.data_type == onnx.TensorProto.INT8:
+                    found.append(numpy_helper.to_array(tensor))
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    visit(sub, inits)
+
+    visit(model.graph, {})
+    return found
+
+
+def vpmaddubsw_dot(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """uint8 a [m, k] @ int8 w [k, n] as MLAS computes it on AVX2 and on AVX-512 without VNNI:
+    products summed in adjacent pairs with int16 saturation (VPMADDUBSW), then in int32."""
+    products = a.astype(np.int64)[:, :, None] * w.astype(np.int64)[None, :, :]  # [m, k, n]
+    pairs = products.reshape(a.shape[0], -1, 2, w.shape[1]).sum(axis=2)
+    return np.clip(pairs, -32768, 32767).sum(axis=1)
+
+
+def test_full_range_int8_weights_saturate_without_vnni_and_7_bit_weights_do_not():
+    a = np.full((1, 64), 255, np.uint8)  # the largest activation DynamicQuantizeLinear writes
+    for bound, exact in ((127, False), (64, True)):
+        w = np.full((64, 3), bound, np.int8)
+        reference = a.astype(np.int64) @ w.astype(np.int64)
+        assert np.array_equal(vpmaddubsw_dot(a, w), reference) == exact
+        assert np.array_equal(vpmaddubsw_dot(a, -w), -reference) == exact
+
+
+@pytest.mark.parametrize("name", ["mha_self", "causal_self", "decoder_lm", "gqa_rope"])
+def test_int8_weights_are_exact_on_cpus_without_vnni(zoo_bundles, name):
+    """The one int8 scheme holds on every x86-64 CPU: weights within 7 bits, so no pair of
+    uint8 x int8 products reaches VPMADDUBSW's int16 limit."""
+    weights = _int8_weights(onnx.load(zoo_bundles[name] / "model.int8.onnx"))
+    assert weights, "no quantized MatMul in the int8 graph"
+    for w in weights:
+        assert np.abs(w.astype(np.int64)).max() <= 64
+        a = np.full((1, w.shape[-2] - w.shape[-2] % 2), 255, np.uint8)
+        w2 = w.reshape(-1, *w.shape[-2:])[0][: a.shape[1]]
+        assert np.array_equal(vpmaddubsw_dot(a, w2), a.astype(np.int64) @ w2.astype(np.int64))

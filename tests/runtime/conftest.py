@@ -31,6 +31,7 @@ from runtime import (
     TensorSpec,
     Tolerance,
     ToleranceTable,
+    ValueRange,
     Variant,
     compare,
     parity_record,
@@ -153,6 +154,41 @@ def make_bundle(folder: Path, *, external: bool = False) -> Path:
     return folder
 
 
+VOCAB = 11
+
+
+def make_ids_bundle(folder: Path) -> Path:
+    """An embedding lookup: ids [batch, seq] (int64, 0 <= id < VOCAB) -> y [batch, seq, D],
+    as an exporter writes it: the ids input carries its value range."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = np.random.default_rng(SEED).standard_normal((VOCAB, D)).astype(np.float32)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", D])
+    node = helper.make_node("Gather", ["E", "ids"], ["y"], name="embed", axis=0)
+    graph = helper.make_graph([node], "ids", [ids], [y], [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    onnx.save_model(model, folder / "model.onnx")
+    feed = np.array([[0, 3, VOCAB - 1]], np.int64)
+    np.savez(folder / "golden.npz", **{"case0.in.ids": feed, "case0.out.y": table[feed]})
+    case = GoldenCase({"batch": 1, "seq": 3}, {"ids": "case0.in.ids"}, {"y": "case0.out.y"})
+    manifest = Manifest(
+        name="ids",
+        source={"target": "tests.runtime.conftest:make_ids_bundle", "class": "onnx.helper"},
+        producer={"attnx": "0.1.0", "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        opset=OPSET,
+        inputs=(TensorSpec("ids", "int64", ("batch", "seq"), ValueRange(0, VOCAB - 1)),),
+        outputs=(TensorSpec("y", "float32", ("batch", "seq", D)),),
+        dims=DIMS,
+        files=file_entries(folder),
+        variants=(Variant("base", "model.onnx", (CPU,), {"float32": Tolerance(0.0, 0.0)}),),
+        parity=(),
+        golden=Golden("golden.npz", (case,)),
+    )
+    (folder / "manifest.json").write_text(manifest.to_json())
+    return folder
+
+
 def _parity(folder, variant, arrays, cases):
     session = ort.InferenceSession(str(folder / variant.file), providers=[CPU])
     case = cases[0]
@@ -241,6 +277,8 @@ def kit() -> SimpleNamespace:
         CPU=CPU,
         CUDA=CUDA,
         make_bundle=make_bundle,
+        make_ids_bundle=make_ids_bundle,
+        VOCAB=VOCAB,
         make_inputs=make_inputs,
         reference=reference,
         weight=weight,

@@ -9,6 +9,7 @@ started, so a test can kill a replica and check that nothing outlives the server
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -20,6 +21,17 @@ from pathlib import Path
 import pytest
 
 from runtime.client import Client
+
+
+def pytest_collection_modifyitems(config, items):
+    """Serving tests need the [serve] extra; without it they skip, as CUDA tests do."""
+    if importlib.util.find_spec("ray") is not None:
+        return
+    skip = pytest.mark.skip(reason="ray is not installed (pip install 'attnx[serve]')")
+    for item in items:
+        if item.get_closest_marker("serve"):
+            item.add_marker(skip)
+
 
 SERVED = ("mha_self", "sdpa")
 START_TIMEOUT_S = 180

@@ -9,14 +9,17 @@ import logging
 
 import numpy as np
 import pytest
-from ray.exceptions import ActorDiedError
-from ray.serve.exceptions import BackPressureError
-from starlette.requests import Request
 
-from runtime import load_bundle
-from runtime.serve._app import OIPIngress
-from runtime.serve._protocol import Failure, encode_tensor
-from tests.runtime.conftest import make_bundle
+pytest.importorskip("ray", reason="ray is not installed (pip install 'attnx[serve]')")
+
+from ray.exceptions import ActorDiedError  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+
+from runtime import load_bundle  # noqa: E402
+from runtime.serve._app import OIPIngress  # noqa: E402
+from runtime.serve._protocol import Failure, encode_tensor  # noqa: E402
+from tests.runtime.conftest import VOCAB, make_bundle, make_ids_bundle  # noqa: E402
 
 pytestmark = pytest.mark.serve
 
@@ -152,3 +155,18 @@ def test_a_weight_name_is_refused_before_the_replica_sees_it(ingress):
     doc["inputs"].append({"name": "W"})  # the MatMul weight
     status, answer, _ = call(ingress(), "POST", "/v2/models/tiny/infer", json.dumps(doc).encode())
     assert status == 400 and "Input 'W': a weight (initializer) of the model" in answer["error"]
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_400_naming_it(tmp_path):
+    bundle = load_bundle(make_ids_bundle(tmp_path / "ids"))
+    models = {"ids": {"manifest": bundle.manifest.to_json(), "weights": [], "max_batch_size": 8}}
+    app = Ingress(models, {"ids": Handle()}, max_body_bytes=10_000, version="t")
+    for bad in (-1, VOCAB):
+        ids = np.array([[2, bad]], np.int64)
+        body = json.dumps({"inputs": [encode_tensor("ids", ids)]}).encode()
+        status, doc, _ = call(app, "POST", "/v2/models/ids/infer", body)
+        assert status == 400
+        assert doc["error"] == (
+            f"Input 'ids': value {bad} at index [0, 1] is outside its range "
+            f"0 <= value <= {VOCAB - 1}"
+        )

@@ -10,13 +10,21 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from google.protobuf import text_format
 
-from export._cli import main
-from runtime import ArtifactError, InputError, load_bundle
-from runtime import _triton as triton
-from runtime._triton import check_config, check_model_dir, plan_model, write_repository
-from tests.runtime.conftest import make_bundle
+pytest.importorskip("tritonclient", reason="needs the [serve] extra: pip install 'attnx[serve]'")
+
+from google.protobuf import text_format  # noqa: E402
+
+from export._cli import main  # noqa: E402
+from runtime import ArtifactError, InputError, load_bundle  # noqa: E402
+from runtime import _triton as triton  # noqa: E402
+from runtime._triton import (  # noqa: E402
+    check_config,
+    check_model_dir,
+    plan_model,
+    write_repository,
+)
+from tests.runtime.conftest import make_bundle  # noqa: E402
 
 pb2 = triton.model_config_pb2()
 
