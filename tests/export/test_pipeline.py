@@ -241,7 +241,9 @@ def test_failure_while_writing_leaves_previous_bundle_intact(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(writer, "_write_golden", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(
+        ExportError, match=r"stage 5/5 \(write\): writing the bundle failed: OSError: disk full"
+    ):
         run_pipeline(spec_from_zoo(zoo.get("learned_pe")), out=tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["learned_pe"]
     assert (result.bundle / "manifest.json").read_bytes() == before

@@ -257,3 +257,18 @@ def test_int8_weights_are_exact_on_cpus_without_vnni(zoo_bundles, name):
         a = np.full((1, w.shape[-2] - w.shape[-2] % 2), 255, np.uint8)
         w2 = w.reshape(-1, *w.shape[-2:])[0][: a.shape[1]]
         assert np.array_equal(vpmaddubsw_dot(a, w2), a.astype(np.int64) @ w2.astype(np.int64))
+
+
+# Every entry with a MatMul on weights: int8 is kept for all of them, on any x86-64 CPU.
+INT8_ENTRIES = sorted(set(zoo.names()) - {"sinusoidal_pe", "learned_pe", "sdpa"})
+
+
+@pytest.mark.parametrize("name", INT8_ENTRIES)
+def test_int8_is_kept_and_passes_its_tolerance_over_the_grid(zoo_bundles, name):
+    manifest = _manifest(zoo_bundles, name)
+    assert "int8" in {v["name"] for v in manifest["variants"]}, manifest["extra"][
+        "dropped_variants"
+    ]
+    records = [r for r in manifest["parity"] if r["variant"] == "int8"]
+    assert len(records) >= 8 and all(r["passed"] for r in records)
+    assert all(o["atol"] == INT8_TOLERANCE.atol for r in records for o in r["outputs"])
