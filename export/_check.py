@@ -13,7 +13,7 @@ from ._decode import measure_decode
 from ._errors import ExportError
 from ._grid import default_grid
 from ._pipeline import measure_grid
-from ._spec import ExportSpec, spec_from_zoo
+from ._spec import ExportSpec, spec_from_factory, spec_from_zoo
 from ._variants import CPU
 
 ZOO_PREFIX = "models.zoo:"
@@ -54,6 +54,5 @@ def spec_from_manifest(manifest: Manifest) -> ExportSpec:
 
         entry = zoo.get(target.removeprefix(ZOO_PREFIX))
         return spec_from_zoo(entry, **dict(manifest.source.get("config") or {}))
-    from ._cli import spec_from_factory
 
     return spec_from_factory(target)

@@ -282,58 +282,11 @@ def _variant_names(text: str | None) -> tuple[str, ...] | None:
 def _spec_for(target: str):
     from models import zoo
 
-    from ._spec import spec_from_zoo
+    from ._spec import spec_from_factory, spec_from_zoo
 
     if ":" not in target:
         return spec_from_zoo(zoo.get(target))
     return spec_from_factory(target)
-
-
-def spec_from_factory(target: str):
-    """Import ``pkg.module:factory`` and turn what it returns into an ExportSpec.
-
-    The factory takes no arguments and returns an ExportSpec, or a tuple
-    (module, example_inputs[, dynamic[, dims]]), or a dict with those keys (and optionally
-    name, output_names, tolerance).
-    """
-    from torch import nn
-
-    from ._spec import ExportSpec, spec_from_module
-
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ExportError(f"target '{target}' is not of the form pkg.module:factory", stage=1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules import
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(f"cannot import '{target}': {err}", stage=1) from err
-    if not callable(factory):
-        raise ExportError(f"'{target}' is not callable", stage=1)
-    made = factory()
-    if isinstance(made, ExportSpec):
-        return made
-    if isinstance(made, nn.Module):
-        raise ExportError(
-            f"factory '{target}' returned a bare module without example inputs",
-            stage=1,
-            hint="return (module, example_inputs, dynamic) or a dict with those keys",
-        )
-    if isinstance(made, tuple):
-        keys = ("module", "example_inputs", "dynamic", "dims")
-        made = dict(zip(keys, made, strict=False))
-    if not isinstance(made, dict) or "module" not in made or "example_inputs" not in made:
-        raise ExportError(
-            f"factory '{target}' returned {type(made).__name__}; expected an ExportSpec, "
-            "a (module, example_inputs[, dynamic[, dims]]) tuple or a dict",
-            stage=1,
-        )
-    name = made.pop("name", None) or attr
-    module = made.pop("module")
-    cls = type(module)
-    source = {"target": target, "class": f"{cls.__module__}.{cls.__qualname__}"}
-    return spec_from_module(module, made.pop("example_inputs"), name=name, source=source, **made)
 
 
 def cmd_check(args) -> int:

@@ -32,6 +32,7 @@ from runtime import ParityRecord, ToleranceTable, check, compare, parity_record
 from runtime._manifest import parity_record_dict
 
 from ._errors import ExportError
+from ._sessions import PROVIDER, eager_outputs, make_session, to_numpy
 from ._spec import ExportSpec
 
 DEFAULT_STEPS = 8
@@ -61,7 +62,6 @@ def measure_decode(
     steps: int = DEFAULT_STEPS,
 ) -> list[ParityRecord]:
     """Decode-loop parity records of every variant; [] when the spec declares no cache."""
-    from ._pipeline import PROVIDER, make_session
 
     cache = cache if cache is not None else spec.extra.get("cache")
     if not cache:
@@ -137,7 +137,6 @@ def _check_names(spec: ExportSpec, cache: Mapping) -> None:
 def _decode_loop(spec: ExportSpec, cache: Mapping, session, run: Mapping[str, int], steps: int):
     """Yield (ORT outputs, torch outputs, point) for the first step and `steps` decode steps,
     each side feeding its own presents back as its next pasts."""
-    from ._pipeline import eager_outputs, to_numpy
 
     names = [o.name for o in session.get_outputs()]
     pairs = [(t["past"], t["present"]) for t in cache["tensors"]]

@@ -35,7 +35,9 @@ import onnx
 
 from runtime import Tolerance
 
+from ._capture import capture
 from ._errors import ExportError
+from ._sessions import make_session, to_numpy
 from ._spec import ExportSpec
 
 CPU = "CPUExecutionProvider"
@@ -94,7 +96,6 @@ def time_variants(spec: ExportSpec, builds: Mapping[str, VariantBuild]) -> None:
     """Median CPU latency of every CPU variant on the same inputs, for the runner's ranking."""
     import time
 
-    from ._pipeline import make_session, to_numpy
 
     feed = to_numpy(spec.make_inputs(timing_point(spec.dims)))
     for build in builds.values():
@@ -216,11 +217,10 @@ def _native(spec: ExportSpec) -> onnx.ModelProto:
     from models._native import onnx_native
 
     from ._native_onnx import WINDOW_OPSET, translation_table
-    from ._pipeline import capture
 
-    with onnx_native() as windows, torch.no_grad():
+    with onnx_native() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
-    opset = WINDOW_OPSET if windows[0] else ATTENTION_OPSET
+    opset = WINDOW_OPSET if route.windows else ATTENTION_OPSET
     with onnx_native():
         return capture(spec, opset, custom_translation_table=translation_table())
 
@@ -234,12 +234,11 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
     from ._batch_rows import rows_for_cached_prompts
     from ._kernels_onnx import translation_table
-    from ._pipeline import capture
 
-    with ort_kernels() as routed, torch.no_grad():
+    with ort_kernels() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
     model = base
-    if routed[0]:  # only modules with a kernel-served core are captured again
+    if route.calls:  # only modules with a kernel-served core are captured again
         with ort_kernels():
             model = capture(spec, opset, custom_translation_table=translation_table())
     graph = ir.from_proto(model)

@@ -36,6 +36,7 @@ from runtime._cpu import cpu_features, describe_features, machine_arch
 
 from ._errors import ExportError
 from ._ranges import value_ranges
+from ._sessions import eager_outputs, to_numpy
 from ._spec import ExportSpec
 from ._variants import LOSSY, VariantBuild, timing_point
 
@@ -92,7 +93,6 @@ def _save_model(model: onnx.ModelProto, folder: Path, filename: str) -> dict[str
 
 def _write_golden(spec, model, grid, path: Path) -> Golden:
     """Inputs and torch outputs at the example point (grid[0]) and the grid's smallest point."""
-    from ._pipeline import eager_outputs, to_numpy
 
     names = [o.name for o in model.graph.output]
     points = [grid[0], min(grid[1:] or grid, key=lambda p: sum(p.values()))]

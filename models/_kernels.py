@@ -13,32 +13,23 @@ lowering transposes q, k, v or the output: at long sequences each transpose is a
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from models._encodings import relative_distances
-from models._native import count_window, native
-
-_ROUTE_TO_KERNELS = False
-_ROUTED_CALLS = [0]
+from models._native import count_window, current_route, native, routed
 
 
-@contextlib.contextmanager
 def ort_kernels():
-    """Within this context, attention cores that have a kernel op emit it (for export).
+    """Within this context (this thread only), attention cores that have a kernel op emit it
+    (for export). Yields the Route, whose ``calls`` counts the cores routed so far, so a
+    caller can tell whether a module has any core that a kernel serves."""
+    return routed("kernels")
 
-    Yields a one-item list counting the calls routed so far, so a caller can tell whether a
-    module has any core that a kernel serves.
-    """
-    global _ROUTE_TO_KERNELS
-    previous, _ROUTE_TO_KERNELS = _ROUTE_TO_KERNELS, True
-    _ROUTED_CALLS[0] = 0
-    try:
-        yield _ROUTED_CALLS
-    finally:
-        _ROUTE_TO_KERNELS = previous
+
+def _kernel_route():
+    route = current_route()
+    return route if route is not None and route.target == "kernels" else None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -158,8 +149,9 @@ def attention(
     if not causal and window is not None:
         raise ValueError("the attention kernel takes a window only when causal")
     window = window or 0
-    if _ROUTE_TO_KERNELS:
-        _ROUTED_CALLS[0] += 1
+    route = _kernel_route()
+    if route is not None:
+        route.calls += 1
         return torch.ops.attnx.attention(q, k, v, key_padding_mask, score_bias, causal, window)
     if native() and window and score_bias is None:
         count_window()  # ONNX Attention-25 takes the causal window as attributes
@@ -169,7 +161,7 @@ def attention(
 
 def routing() -> bool:
     """Whether attention cores are being routed to kernel ops (inside ``ort_kernels()``)."""
-    return _ROUTE_TO_KERNELS
+    return _kernel_route() is not None
 
 
 def _cached_reference(q, k, v, past_key, past_value):
@@ -214,7 +206,8 @@ def cached_attention(q, k, v, past_key, past_value):
         (out [b, s, h, h_d], present_key, present_value [b, h_kv, p + s, h_d]); query i sits at
         position p + i (bottom-right causal).
     """
-    if not _ROUTE_TO_KERNELS:
+    route = _kernel_route()
+    if route is None:
         raise RuntimeError("cached_attention is a kernel op: call it inside ort_kernels()")
-    _ROUTED_CALLS[0] += 1
+    route.calls += 1
     return torch.ops.attnx.cached_attention(q, k, v, past_key, past_value)

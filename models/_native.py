@@ -10,28 +10,55 @@ own eager code computes the same numbers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-_NATIVE = False
-_WINDOWS = [0]
+
+@dataclass
+class Route:
+    """Where attention cores go during one capture, and what went there.
+
+    target: "kernels" (onnxruntime kernel ops, the fused variant) or "native" (ONNX
+    Attention and RotaryEmbedding, the attention23 variant); calls: cores routed to a kernel op;
+    windows: causal windows routed (a native graph with one needs opset 25).
+    """
+
+    target: str
+    calls: int = 0
+    windows: int = 0
+
+
+# Per thread and per asyncio task: two exports at once each see only their own route.
+_ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("attnx_route", default=None)
 
 
 @contextlib.contextmanager
-def onnx_native():
-    """Yields a one-item list counting the windowed attention cores routed so far: a graph
-    with one needs opset 25."""
-    global _NATIVE
-    previous, _NATIVE = _NATIVE, True
-    _WINDOWS[0] = 0
+def routed(target: str) -> Iterator[Route]:
+    """Route attention cores to ``target`` until the block exits, in this thread only."""
+    route = Route(target)
+    token = _ROUTE.set(route)
     try:
-        yield _WINDOWS
+        yield route
     finally:
-        _NATIVE = previous
+        _ROUTE.reset(token)
+
+
+def current_route() -> Route | None:
+    return _ROUTE.get()
+
+
+def onnx_native():
+    """Route to native ONNX ops; yields the Route, whose ``windows`` counts the windowed
+    attention cores routed so far."""
+    return routed("native")
 
 
 def native() -> bool:
     """Whether modules emit native ONNX ops (inside ``onnx_native()``)."""
-    return _NATIVE
+    route = _ROUTE.get()
+    return route is not None and route.target == "native"
 
 
 def count_window() -> None:
-    _WINDOWS[0] += 1
+    _ROUTE.get().windows += 1

@@ -71,10 +71,10 @@ def test_native_routing_keeps_eager_numbers():
     pad = _padding(3, 9)
     rope = RotaryEmbedding(head_dim=8)
     eager = attention(rope(q, seq_dim=1), k, v, key_padding_mask=pad, causal=True, window=3)
-    with onnx_native() as windows:
+    with onnx_native() as route:
         inside = attention(rope(q, seq_dim=1), k, v, key_padding_mask=pad, causal=True, window=3)
         routed_rope = rope(q.transpose(1, 2), 4)
-    assert windows[0] == 1
+    assert route.windows == 1
     torch.testing.assert_close(inside, eager)
     torch.testing.assert_close(routed_rope, rope(q.transpose(1, 2), 4))
 
