@@ -56,7 +56,8 @@ class ExportStatus:
     stages: list[StageStatus] = field(
         default_factory=lambda: [StageStatus(i + 1, n) for i, n in enumerate(STAGES)]
     )
-    # Optional variants that missed parity, and why; they are not written.
+    # Optional variants left out (failed to build, refused by onnxruntime, missed parity), and
+    # why; they are not written.
     dropped: dict[str, str] = field(default_factory=dict)
 
     def stage(self, index: int) -> StageStatus:
@@ -106,9 +107,7 @@ def run_pipeline(
         status, 3, say, lambda: build_variants(spec, model, opset, variants, status.dropped)
     )
     status.stage(3).detail = ", ".join(builds)
-    variants = {name: b.model for name, b in builds.items()}
     records = _stage(status, 4, say, lambda: _parity(spec, builds, grid, status))
-    time_variants(spec, builds)
     bundle = None
     if out is not None:
         from ._writer import write_bundle
@@ -150,6 +149,7 @@ def _parity(spec, builds, grid, status: ExportStatus) -> list[ParityRecord]:
     if status.dropped:
         # Variants dropped while building are named too: the detail lists every one left out.
         status.stage(4).detail += "; dropped " + ", ".join(status.dropped)
+    time_variants(spec, builds)  # the runner's ranking, from the variants that passed
     return [r for r in records if r.variant in builds]
 
 
