@@ -23,6 +23,7 @@ from runtime import (
     compare,
     parity_record,
 )
+from runtime._session import ort_errors
 
 from ._capture import capture, check_graph
 from ._decode import decode_stage
@@ -226,7 +227,7 @@ def measure_grid(
         table = ToleranceTable(by_dtype=dict(tolerance))
         try:
             session = make_session(model)
-        except _ort_failure() as err:
+        except ort_errors() as err:
             records.append(_refused(spec, variant, grid[0], table, err))
             continue
         names = [o.name for o in session.get_outputs()]
@@ -235,7 +236,7 @@ def measure_grid(
             expected = eager_outputs(spec, feed, names)
             try:
                 actual = dict(zip(names, session.run(None, to_numpy(feed)), strict=True))
-            except _ort_failure() as err:
+            except ort_errors() as err:
                 outputs = _run_failed(expected, table, err)
                 records.append(parity_record(variant, PROVIDER, point, outputs))
                 continue
@@ -243,12 +244,6 @@ def measure_grid(
                 parity_record(variant, PROVIDER, point, compare(actual, expected, table))
             )
     return records
-
-
-def _ort_failure() -> tuple[type[BaseException], ...]:
-    from runtime._session import ort_errors
-
-    return ort_errors()
 
 
 REFUSED = "onnxruntime refused to load the graph"
