@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from export import run_pipeline, spec_from_module  # noqa: E402
 from models import DecoderLM  # noqa: E402
-from models.zoo import lm_cache  # noqa: E402
+from models.zoo import LM_CACHE  # noqa: E402
 from runtime import Generator, Runner, _session  # noqa: E402
 
 _runner_options = _session.session_options
@@ -93,8 +93,8 @@ def export(model: DecoderLM, config, out: Path, variants) -> tuple[Path, float]:
                             output_names=("logits", "present_keys", "present_values"),
                             tolerance=_deep_tolerance(),
                             source={"target": None, "class": "models.DecoderLM",
-                                    "config": dict(config)})
-    spec.extra = {"cache": lm_cache(MAX_PAST)}
+                                    "config": dict(config)},
+                            cache=LM_CACHE)
     grid = [{"batch": 2, "seq": 7, "past": 3}, {"batch": 1, "seq": 1, "past": 0},
             {"batch": 1, "seq": 1, "past": 1}, {"batch": 1, "seq": 1, "past": 2048},
             {"batch": 3, "seq": 33, "past": 129}]

@@ -39,12 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runtime import Runner, load_bundle  # noqa: E402
-from runtime.client import Client, ServerError  # noqa: E402
+from runtime.serve.client import Client, ServerError  # noqa: E402
 
 MODELS = ("mha_self", "sdpa")
-POINTS = [{"batch": 1, "seq": 1, "kv_seq": 1}, {"batch": 1, "seq": 8, "kv_seq": 8},
-          {"batch": 2, "seq": 8, "kv_seq": 16}, {"batch": 1, "seq": 32, "kv_seq": 32},
-          {"batch": 3, "seq": 16, "kv_seq": 5}]
+POINTS = [
+    {"batch": 1, "seq": 1, "kv_seq": 1},
+    {"batch": 1, "seq": 8, "kv_seq": 8},
+    {"batch": 2, "seq": 8, "kv_seq": 16},
+    {"batch": 1, "seq": 32, "kv_seq": 32},
+    {"batch": 3, "seq": 16, "kv_seq": 5},
+]
 FEEDS_PER_POINT = 4
 REPLICA_TITLE = "ray::ServeReplica:attnx:model_"
 START_TIMEOUT_S, REPLACE_TIMEOUT_S = 180, 120
@@ -68,8 +72,11 @@ def make_cases(bundles: dict[str, Path]) -> list[tuple[str, dict, dict]]:
                     feed = {}
                     for spec in bundle.manifest.inputs:
                         shape = [d if isinstance(d, int) else point[d] for d in spec.shape]
-                        feed[spec.name] = (rng.random(shape) > 0.2 if spec.dtype == "bool"
-                                           else rng.standard_normal(shape).astype(spec.dtype))
+                        feed[spec.name] = (
+                            rng.random(shape) > 0.2
+                            if spec.dtype == "bool"
+                            else rng.standard_normal(shape).astype(spec.dtype)
+                        )
                     cases.append((name, feed, runner.run(feed)))
     order = rng.permutation(len(cases))
     return [cases[i] for i in order]
@@ -77,7 +84,8 @@ def make_cases(bundles: dict[str, Path]) -> list[tuple[str, dict, dict]]:
 
 def exact(got: dict, want: dict) -> bool:
     return list(got) == list(want) and all(
-        got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes() for k in want)
+        got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes() for k in want
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +106,7 @@ def children(root: int) -> list[int]:
                 text = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            parents[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+            parents[int(entry)] = int(text[text.rindex(")") + 2 :].split()[1])
     found, frontier = [], [root]
     while frontier:
         pid = frontier.pop()
@@ -123,12 +131,27 @@ def replicas(root: int, model: str) -> list[int]:
 class Server:
     def __init__(self, bundles: dict[str, Path], replicas_per_model: int, args):
         self.port = free_port()
-        self.command = [sys.executable, "-m", "runtime", "serve", *map(str, bundles.values()),
-                        "--replicas", str(replicas_per_model), "--port", str(self.port),
-                        "--max-batch-size", str(args.max_batch_size)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "runtime",
+            "serve",
+            *map(str, bundles.values()),
+            "--replicas",
+            str(replicas_per_model),
+            "--port",
+            str(self.port),
+            "--max-batch-size",
+            str(args.max_batch_size),
+        ]
         self.log = tempfile.NamedTemporaryFile(prefix="serve_load_", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            self.command,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
         self.client = Client(f"http://127.0.0.1:{self.port}", timeout_s=60)
         started = time.monotonic()
         while not self.client.ready():
@@ -174,12 +197,17 @@ def load(client: Client, cases, *, clients: int, requests: int, on_answer=None) 
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1e3
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-    return {"requests": requests, "clients": clients, "wall_s": round(wall, 2),
-            "throughput_per_s": round(requests / wall, 1), "outcomes": counts,
-            "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p90_ms": round(float(np.percentile(ms, 90)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "max_ms": round(float(ms.max()), 1)}
+    return {
+        "requests": requests,
+        "clients": clients,
+        "wall_s": round(wall, 2),
+        "throughput_per_s": round(requests / wall, 1),
+        "outcomes": counts,
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p90_ms": round(float(np.percentile(ms, 90)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "max_ms": round(float(ms.max()), 1),
+    }
 
 
 def run_plain(bundles, cases, replicas_per_model: int, args) -> dict:
@@ -189,11 +217,17 @@ def run_plain(bundles, cases, replicas_per_model: int, args) -> dict:
         result = load(server.client, cases, clients=args.clients, requests=args.requests)
     finally:
         stop_s = server.stop()
-    result.update(replicas=replicas_per_model, start_s=round(server.start_s, 1),
-                  stop_s=round(stop_s, 1), command=" ".join(server.command[1:]))
-    print(f"{replicas_per_model} replica(s): {result['throughput_per_s']} req/s, p50 "
-          f"{result['p50_ms']} ms, p99 {result['p99_ms']} ms, outcomes {result['outcomes']}",
-          flush=True)
+    result.update(
+        replicas=replicas_per_model,
+        start_s=round(server.start_s, 1),
+        stop_s=round(stop_s, 1),
+        command=" ".join(server.command[1:]),
+    )
+    print(
+        f"{replicas_per_model} replica(s): {result['throughput_per_s']} req/s, p50 "
+        f"{result['p50_ms']} ms, p99 {result['p99_ms']} ms, outcomes {result['outcomes']}",
+        flush=True,
+    )
     return result
 
 
@@ -209,13 +243,13 @@ def run_kill(bundles, cases, args) -> dict:
 
     try:
         load(server.client, cases, clients=args.clients, requests=args.warmup)
-        result = load(server.client, cases, clients=args.clients, requests=args.requests,
-                      on_answer=on_answer)
+        result = load(
+            server.client, cases, clients=args.clients, requests=args.requests, on_answer=on_answer
+        )
         replaced_s, after = None, []
         while time.monotonic() - killed["at"] < REPLACE_TIMEOUT_S:
             after = replicas(server.proc.pid, "mha_self")
-            if len(after) == 2 and before[0] not in after and \
-                    server.client.model_ready("mha_self"):
+            if len(after) == 2 and before[0] not in after and server.client.model_ready("mha_self"):
                 replaced_s = time.monotonic() - killed["at"]
                 break
             time.sleep(0.2)
@@ -223,11 +257,19 @@ def run_kill(bundles, cases, args) -> dict:
         result["after_replacement_exact"] = exact(server.client.infer(name, feed), want)
     finally:
         server.stop()
-    result.update(replicas=2, killed_pid=before[0], killed_after=args.kill_after,
-                  replicas_before=before, replicas_after=after,
-                  replaced_within_s=None if replaced_s is None else round(replaced_s, 1))
-    print(f"kill: outcomes {result['outcomes']}, replaced within {result['replaced_within_s']} "
-          f"s ({before} -> {after})", flush=True)
+    result.update(
+        replicas=2,
+        killed_pid=before[0],
+        killed_after=args.kill_after,
+        replicas_before=before,
+        replicas_after=after,
+        replaced_within_s=None if replaced_s is None else round(replaced_s, 1),
+    )
+    print(
+        f"kill: outcomes {result['outcomes']}, replaced within {result['replaced_within_s']} "
+        f"s ({before} -> {after})",
+        flush=True,
+    )
     return result
 
 
@@ -236,34 +278,39 @@ def run_kill(bundles, cases, args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows = [f"| {r['replicas']} | {r['requests']} | {r['clients']} | {r['throughput_per_s']} | "
-            f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
-            f"{r['outcomes']} |" for r in report["runs"]]
+    rows = [
+        f"| {r['replicas']} | {r['requests']} | {r['clients']} | {r['throughput_per_s']} | "
+        f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | "
+        f"{r['outcomes']} |"
+        for r in report["runs"]
+    ]
     k = report["kill"]
     env = report["environment"]
-    return "\n".join([
-        "# attnx serve under load (127.0.0.1)",
-        "",
-        f"Machine: {env['cpus']} CPUs, Python {env['python']}, ray {env['ray']}, onnxruntime "
-        f"{env['onnxruntime']}. Models: {', '.join(MODELS)} ({len(report['shapes'])} shapes, "
-        f"batch 1-3, seq 1-32), every answer compared bit for bit with a direct Runner. "
-        f"Clients share the machine with the server.",
-        "",
-        "| replicas per model | requests | clients | req/s | p50 ms | p90 ms | p99 ms | max ms "
-        "| outcomes |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"Replica kill: SIGKILL of one of 2 mha_self replicas after {k['killed_after']} answers "
-        f"of {k['requests']}: outcomes {k['outcomes']} (no wrong answer: "
-        f"{'wrong' not in k['outcomes']}); Ray replaced the replica within "
-        f"{k['replaced_within_s']} s; an answer after the replacement is exact: "
-        f"{k['after_replacement_exact']}. {k['throughput_per_s']} req/s, p99 {k['p99_ms']} ms "
-        f"during that run.",
-        "",
-        f"Command: `python benchmarks/serve_load.py {' '.join(report['argv'])}`".rstrip() + "",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# attnx serve under load (127.0.0.1)",
+            "",
+            f"Machine: {env['cpus']} CPUs, Python {env['python']}, ray {env['ray']}, onnxruntime "
+            f"{env['onnxruntime']}. Models: {', '.join(MODELS)} ({len(report['shapes'])} shapes, "
+            f"batch 1-3, seq 1-32), every answer compared bit for bit with a direct Runner. "
+            f"Clients share the machine with the server.",
+            "",
+            "| replicas per model | requests | clients | req/s | p50 ms | p90 ms | p99 ms | max ms "
+            "| outcomes |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Replica kill: SIGKILL of one of 2 mha_self replicas after {k['killed_after']} "
+            f"answers of {k['requests']}: outcomes {k['outcomes']} (no wrong answer: "
+            f"{'wrong' not in k['outcomes']}); Ray replaced the replica within "
+            f"{k['replaced_within_s']} s; an answer after the replacement is exact: "
+            f"{k['after_replacement_exact']}. {k['throughput_per_s']} req/s, p99 {k['p99_ms']} ms "
+            f"during that run.",
+            "",
+            f"Command: `python benchmarks/serve_load.py {' '.join(report['argv'])}`".rstrip() + "",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -277,17 +324,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        bundles = ({n: args.bundles / n for n in MODELS} if args.bundles
-                   else export_bundles(Path(tmp)))
+        bundles = (
+            {n: args.bundles / n for n in MODELS} if args.bundles else export_bundles(Path(tmp))
+        )
         cases = make_cases(bundles)
         runs = [run_plain(bundles, cases, n, args) for n in (1, 2)]
         kill = run_kill(bundles, cases, args)
     report = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "ray": metadata.version("ray"),
-                        "onnxruntime": metadata.version("onnxruntime")},
-        "shapes": POINTS, "runs": runs, "kill": kill,
+        "environment": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "ray": metadata.version("ray"),
+            "onnxruntime": metadata.version("onnxruntime"),
+        },
+        "shapes": POINTS,
+        "runs": runs,
+        "kill": kill,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")

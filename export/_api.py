@@ -9,6 +9,7 @@ from torch import nn
 
 from runtime import Tolerance
 
+from ._errors import ExportError
 from ._pipeline import DEFAULT_OPSET, ExportResult, Progress, run_pipeline
 from ._spec import spec_from_module, spec_from_zoo
 
@@ -31,7 +32,7 @@ def export_entry(
 
 def export_module(
     module: nn.Module,
-    example_inputs,
+    example_inputs=None,
     *,
     dynamic: Mapping[str, Mapping[int, str | tuple]] | None = None,
     dims: Mapping[str, tuple[int, int]] | None = None,
@@ -44,6 +45,8 @@ def export_module(
     progress: Progress | None = None,
     variants: tuple[str, ...] | None = None,
     value_ranges: Mapping[str, tuple[int, int] | None] | None = None,
+    cache=None,
+    input_maker=None,
 ) -> ExportResult:
     """Export any module: ``export_module(m, {"x": x}, dynamic={"x": {0: "batch", 1: "seq"}},
     out="artifacts")``. Raises ExportError (naming the stage) or ParityError.
@@ -53,15 +56,47 @@ def export_module(
     those dims unless ``grid`` is given; ``out`` None skips writing a bundle.
     ``value_ranges`` gives integer inputs their allowed (min, max) values, both inclusive
     (None: no range); an input that indexes an embedding table gets its rows by default.
+    ``cache`` (a models.zoo.KVCache) describes past inputs and present outputs: the decode loop
+    is checked step by step and the manifest records the layout. ``input_maker`` (point ->
+    {name: tensor}) makes the grid's inputs instead of random ones like the examples.
+
+    A Hugging Face ``PreTrainedModel`` needs no ``dynamic``: its inputs have ``batch`` and
+    ``seq`` dims with ranges from its config (``dims`` overrides them), example inputs are
+    optional, and its ModelOutput fields are the outputs (export/_hf.py).
     """
-    spec = spec_from_module(
-        module,
-        example_inputs,
-        dynamic=dynamic,
-        dims=dims,
-        name=name,
-        output_names=output_names,
-        tolerance=tolerance,
-        value_ranges=value_ranges,
-    )
+    from ._hf import is_pretrained, spec_from_pretrained
+
+    if is_pretrained(module):
+        if dynamic is not None or output_names is not None or cache is not None:
+            raise ExportError(
+                "a Hugging Face model takes its dims, outputs and cache from its config; "
+                "pass dims= to change the ranges, not dynamic, output_names or cache",
+                stage=1,
+            )
+        spec = spec_from_pretrained(
+            module,
+            example_inputs,
+            dims=dims,
+            name=name,
+            tolerance=tolerance,
+            input_maker=input_maker,
+            value_ranges=value_ranges,
+        )
+    else:
+        if example_inputs is None:
+            raise ExportError(
+                "example_inputs are needed for a module that is not a Hugging Face model", stage=1
+            )
+        spec = spec_from_module(
+            module,
+            example_inputs,
+            dynamic=dynamic,
+            dims=dims,
+            name=name,
+            output_names=output_names,
+            tolerance=tolerance,
+            value_ranges=value_ranges,
+            cache=cache,
+            input_maker=input_maker,
+        )
     return run_pipeline(spec, out=out, opset=opset, grid=grid, progress=progress, variants=variants)

@@ -29,6 +29,8 @@ def capture(spec: ExportSpec, opset: int, custom_translation_table=None) -> onnx
     log = io.StringIO()
     try:
         with _CAPTURE_LOCK, _quiet(log):
+            if spec.capture_with is not None:
+                return spec.capture_with(spec, opset, custom_translation_table, dynamic_shapes)
             program = torch.onnx.export(
                 spec.module,
                 (),

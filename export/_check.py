@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -34,9 +35,10 @@ def check_bundle(path: Path) -> list[ParityRecord]:
             # session for some fp16 graphs).
             continue
         model = onnx.load(str(Path(path) / variant.file))
-        spec.tolerance = {k: Tolerance(t.atol, t.rtol) for k, t in variant.tolerance.items()}
-        records += measure_grid(spec, {variant.name: model}, grid)
-        records += measure_decode(spec, {variant.name: model}, cache=manifest.extra.get("cache"))
+        tolerance = {k: Tolerance(t.atol, t.rtol) for k, t in variant.tolerance.items()}
+        at = replace(spec, tolerance=tolerance, cache=manifest.cache)
+        records += measure_grid(at, {variant.name: model}, grid)
+        records += measure_decode(at, {variant.name: model})
     return records
 
 

@@ -15,9 +15,9 @@ For a language model (the cache description names a token input and a logits out
 decode steps feed torch's greedy tokens to both sides, so a near-tie in the logits cannot make
 the two runs diverge; other cached blocks get fresh inputs from the spec at each step.
 
-Records are ParityRecords whose point adds "run", "step" to the dims (batch, seq, past). The
-manifest's parity list only takes points of declared dims, so the pipeline writes these into
-manifest extra["decode_parity"]; `attnx check` reports them with the grid's records.
+Records are ParityRecords whose point adds "run", "step" to the dims (batch, seq, past); the
+writer puts them in the manifest's typed DecodeParity, and `attnx check` reports them with the
+grid's records.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from runtime import ParityRecord, ToleranceTable, check, compare, parity_record
-from runtime._manifest import parity_record_dict
+from runtime import Cache, DecodeParity, ParityRecord, ToleranceTable, check, compare, parity_record
 
 from ._errors import ExportError
 from ._sessions import PROVIDER, eager_outputs, make_session, to_numpy
@@ -41,11 +40,11 @@ ODD_PROMPT = 7
 DECODE_BATCH = 2
 
 
-def decode_runs(spec: ExportSpec, cache: Mapping, steps: int) -> list[dict[str, int]]:
+def decode_runs(spec: ExportSpec, cache: Cache, steps: int) -> list[dict[str, int]]:
     """(batch, seq, past) of each run's first step, as described in the module docstring."""
-    (b_lo, b_hi), (s_lo, s_hi) = spec.dims[cache["batch_dim"]], spec.dims[cache["seq_dim"]]
+    (b_lo, b_hi), (s_lo, s_hi) = spec.dims[cache.batch_dim], spec.dims[cache.seq_dim]
     batch = min(max(DECODE_BATCH, b_lo), b_hi)
-    starts = [(1, 0), (min(ODD_PROMPT, s_hi), 0), (1, max(cache["max_length"] - steps - 1, 0))]
+    starts = [(1, 0), (min(ODD_PROMPT, s_hi), 0), (1, max(cache.max_length - steps - 1, 0))]
     runs = []
     for seq, past in starts:
         run = {"batch": batch, "seq": max(seq, s_lo), "past": past}
@@ -58,13 +57,13 @@ def measure_decode(
     spec: ExportSpec,
     variants: Mapping[str, onnx.ModelProto],
     *,
-    cache: Mapping | None = None,
+    cache: Cache | None = None,
     steps: int = DEFAULT_STEPS,
 ) -> list[ParityRecord]:
     """Decode-loop parity records of every variant; [] when the spec declares no cache."""
 
-    cache = cache if cache is not None else spec.extra.get("cache")
-    if not cache:
+    cache = cache if cache is not None else spec.cache
+    if cache is None:
         return []
     _check_names(spec, cache)
     table = ToleranceTable(by_dtype=dict(spec.tolerance))
@@ -87,10 +86,8 @@ def measure_decode(
 
 def decode_stage(spec: ExportSpec, variants: Mapping[str, onnx.ModelProto], status) -> list:
     """The pipeline's hook in stage 4: for a spec with a cache, measure the decode loop of
-    `variants` and raise ParityError listing every failing step. Passing records are added to
-    spec.extra["decode_parity"] (which the writer puts in the manifest), replacing earlier
-    records of the same variants, so the hook may be called once per variant; a variant that
-    fails leaves nothing there (the pipeline drops it or fails). Returns the records."""
+    `variants` and raise ParityError listing every failing step; the stage's detail counts the
+    steps. Returns the records ([] without a cache)."""
     records = measure_decode(spec, variants)
     if not records:
         return []
@@ -101,52 +98,46 @@ def decode_stage(spec: ExportSpec, variants: Mapping[str, onnx.ModelProto], stat
         passed = sum(r.passed for r in records)
         note = f"decode loop {', '.join(variants)} {passed}/{len(records)} steps passed"
         stage.detail = f"{stage.detail}; {note}" if stage.detail else note
-    kept = [
-        r
-        for r in spec.extra.get("decode_parity", {}).get("records", [])
-        if r["variant"] not in variants
-    ]
-    spec.extra = {
-        **spec.extra,
-        "decode_parity": {
-            "steps": DEFAULT_STEPS,
-            "runs": decode_runs(spec, spec.extra["cache"], DEFAULT_STEPS),
-            "passed": True,
-            "records": kept + [parity_record_dict(r) for r in records],
-        },
-    }
     return records
 
 
-def _check_names(spec: ExportSpec, cache: Mapping) -> None:
+def decode_parity(spec: ExportSpec, records: list[ParityRecord]) -> DecodeParity | None:
+    """The manifest's DecodeParity of a cached spec's decode records; None without a cache."""
+    if spec.cache is None:
+        return None
+    runs = decode_runs(spec, spec.cache, DEFAULT_STEPS)
+    return DecodeParity(DEFAULT_STEPS, tuple(runs), tuple(records))
+
+
+def _check_names(spec: ExportSpec, cache: Cache) -> None:
     inputs = {d.name for d in spec.inputs}
     outputs = set(spec.output_names or ())
-    wanted = [t["past"] for t in cache["tensors"]] + [cache["token_input"]]
+    wanted = [*cache.pasts, cache.token_input]
     missing = sorted(n for n in wanted if n is not None and n not in inputs)
-    produced = [t["present"] for t in cache["tensors"]] + [cache["logits_output"]]
+    produced = [*cache.presents, cache.logits_output]
     missing += sorted(n for n in produced if n is not None and outputs and n not in outputs)
     if missing:
         raise ExportError(
             f"the cache description names {missing}, which are not among the inputs "
             f"{sorted(inputs)} or outputs {sorted(outputs)} of '{spec.name}'",
             stage=4,
-            hint="fix the entry's cache description (models.zoo.cache_description)",
+            hint="fix the entry's cache (models.zoo.KVCache)",
         )
 
 
-def _decode_loop(spec: ExportSpec, cache: Mapping, session, run: Mapping[str, int], steps: int):
+def _decode_loop(spec: ExportSpec, cache: Cache, session, run: Mapping[str, int], steps: int):
     """Yield (ORT outputs, torch outputs, point) for the first step and `steps` decode steps,
     each side feeding its own presents back as its next pasts."""
 
     names = [o.name for o in session.get_outputs()]
-    pairs = [(t["past"], t["present"]) for t in cache["tensors"]]
-    token, logits = cache["token_input"], cache["logits_output"]
+    pairs = [(t.past, t.present) for t in cache.tensors]
+    token, logits = cache.token_input, cache.logits_output
     batch, seq, past = run["batch"], run["seq"], run["past"]
     torch_cache: dict[str, torch.Tensor] | None = None
     ort_cache: dict[str, np.ndarray] | None = None
     next_ids = None
     for _ in range(steps + 1):
-        point = {cache["batch_dim"]: batch, cache["seq_dim"]: seq, cache["past_dim"]: past}
+        point = {cache.batch_dim: batch, cache.seq_dim: seq, cache.past_dim: past}
         feed = spec.make_inputs(point)
         if next_ids is not None:
             feed[token] = next_ids

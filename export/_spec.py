@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from runtime import Tolerance
+from runtime import Cache, CacheTensor, Tolerance
 
 from ._errors import ExportError
 
@@ -34,7 +34,7 @@ class InputDecl:
     shape: tuple[int | str, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportSpec:
     """Everything the pipeline needs, for a zoo entry or any module."""
 
@@ -49,8 +49,18 @@ class ExportSpec:
     source: Mapping[str, object]
     forward_kwargs: Mapping[str, object] = field(default_factory=dict)
     example_inputs: Mapping[str, torch.Tensor] | None = None
-    # Free-form JSON copied into manifest.json's "extra" (e.g. the KV-cache layout).
+    # Free-form JSON copied into manifest.json's "extra".
     extra: Mapping[str, object] = field(default_factory=dict)
+    # How past inputs feed present outputs, for a cached block: the manifest's typed cache,
+    # and what the decode-loop parity stage runs.
+    cache: Cache | None = None
+    # How stage 1 captures the module: (spec, opset, custom translation table, dynamic shapes)
+    # -> ModelProto; None: torch.onnx.export of the module (a Hugging Face model goes through
+    # transformers' exporter, export/_hf.py).
+    capture_with: Callable | None = None
+    # (feed, torch outputs) -> {output name: bool mask} of the positions the module defines no
+    # answer for (a causal query whose keys are all padding); parity leaves them out.
+    undefined: Callable | None = None
     # Declared (min, max) values of integer inputs, both inclusive; None: no range. Inputs not
     # named here take the range of the embedding table they index (export/_ranges.py).
     value_ranges: Mapping[str, tuple[int, int] | None] = field(default_factory=dict)
@@ -88,7 +98,31 @@ def spec_from_zoo(entry, **overrides) -> ExportSpec:
             "description": entry.description,
         },
         forward_kwargs=dict(entry.forward_kwargs),
-        extra={"cache": dict(entry.cache)} if getattr(entry, "cache", None) else {},
+        cache=None if entry.cache is None else manifest_cache(entry.cache, entry.dims),
+    )
+
+
+def manifest_cache(kv, dims: Mapping[str, tuple[int, int]]) -> Cache:
+    """The manifest's Cache of a models.zoo.KVCache: the most positions a cache may hold is the
+    declared max of the "past" dim."""
+    if "past" not in dims:
+        raise ExportError(
+            f"a cache needs a dynamic 'past' dim on its past inputs; the dims are {sorted(dims)}",
+            stage=1,
+            hint="declare the past length as 'past' in dynamic, e.g. {3: ('past', 0, 512)}",
+        )
+    holds = ("keys", "values")
+    return Cache(
+        tensors=tuple(
+            CacheTensor(past, present, holds[i * len(holds) // len(kv.pairs)])
+            for i, (past, present) in enumerate(kv.pairs)
+        ),
+        layout=kv.layout,
+        past_axis=kv.past_axis,
+        batch_axis=kv.batch_axis,
+        max_length=dims["past"][1],
+        token_input=kv.token_input,
+        logits_output=kv.logits_output,
     )
 
 
@@ -103,6 +137,8 @@ def spec_from_module(
     tolerance: Mapping[str, Tolerance] | None = None,
     source: Mapping[str, object] | None = None,
     value_ranges: Mapping[str, tuple[int, int] | None] | None = None,
+    cache=None,
+    input_maker: Callable[[Mapping[str, int]], dict[str, torch.Tensor]] | None = None,
 ) -> ExportSpec:
     """ExportSpec of any module.
 
@@ -114,6 +150,9 @@ def spec_from_module(
         dims: ranges of dim names declared without one (default DEFAULT_DIM_RANGE).
         value_ranges: per integer input, (min, max) values, both inclusive, or None for no
             range; by default an input that indexes an embedding table gets its rows.
+        cache: a models.zoo.KVCache for a module with past inputs and present outputs; the
+            decode loop is then checked too, and the bundle can be decoded step by step.
+        input_maker: point (dim name -> size) -> {input name: tensor}, the grid's inputs.
 
     Inputs at other shapes are made like the examples: floats standard normal, integers
     uniform in their declared range, else in [0, max(example) + 1), booleans True with the
@@ -141,11 +180,12 @@ def spec_from_module(
         output_names=tuple(output_names) if output_names else None,
         dims=ranges,
         example=example,
-        make_inputs=_like_examples(decls, feed, declared),
+        make_inputs=input_maker or _like_examples(decls, feed, declared),
         tolerance=dict(tolerance or {}),
         source=dict(source or {"target": None, "class": f"{cls.__module__}.{cls.__qualname__}"}),
         example_inputs=feed,
         value_ranges=declared,
+        cache=None if cache is None else manifest_cache(cache, ranges),
     )
 
 

@@ -96,7 +96,6 @@ def time_variants(spec: ExportSpec, builds: Mapping[str, VariantBuild]) -> None:
     """Median CPU latency of every CPU variant on the same inputs, for the runner's ranking."""
     import time
 
-
     feed = to_numpy(spec.make_inputs(timing_point(spec.dims)))
     for build in builds.values():
         if CPU not in build.providers:
@@ -216,7 +215,7 @@ def _native(spec: ExportSpec) -> onnx.ModelProto:
 
     from models._native import onnx_native
 
-    from ._native_onnx import WINDOW_OPSET, translation_table
+    from .rewrites.native import WINDOW_OPSET, translation_table
 
     with onnx_native() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
@@ -232,8 +231,8 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
     from models._kernels import ort_kernels
 
-    from ._batch_rows import rows_for_cached_prompts
-    from ._kernels_onnx import translation_table
+    from .rewrites.batch_rows import rows_for_cached_prompts
+    from .rewrites.kernels import translation_table
 
     with ort_kernels() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
@@ -248,10 +247,10 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
 
 def _long(spec: ExportSpec, model: onnx.ModelProto, *, int8: bool = False) -> onnx.ModelProto:
-    """model with long causal self-attention over head groups (export/_head_groups.py), its
+    """model with long causal self-attention over head groups (export/rewrites/head_groups.py), its
     q/k/v projections quantized with ``int8``. The Loop only serves sequences of LOOP_MIN_SEQ
     tokens or more: a block declared shorter would carry it as dead code."""
-    from ._head_groups import LOOP_MIN_SEQ, group_heads
+    from .rewrites.head_groups import LOOP_MIN_SEQ, group_heads
 
     longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
     return group_heads(model, int8=int8) if longest >= LOOP_MIN_SEQ else model
@@ -265,7 +264,7 @@ def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:
     with _quiet_root(), tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, source)
-        # reduce_range: 7-bit weights, exact on CPUs without VNNI (export/_head_groups.py,
+        # reduce_range: 7-bit weights, exact on CPUs without VNNI (export/rewrites/head_groups.py,
         # WEIGHT_MAX); the same graph then runs the same numbers on every x86-64 CPU.
         quantize_dynamic(
             source,

@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from runtime import (
+    DecodeParity,
     DimRange,
     FileEntry,
     Golden,
@@ -52,6 +53,7 @@ def write_bundle(
     status,
     out: Path,
     opset: int,
+    decode: DecodeParity | None = None,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / spec.name
@@ -63,6 +65,7 @@ def write_bundle(
         golden = _write_golden(spec, variants["base"].model, grid, tmp / "golden.npz")
         files["golden.npz"] = None
         manifest = _manifest(spec, variants, records, golden, tmp, list(files), opset, status)
+        manifest = replace(manifest, cache=spec.cache, decode_parity=decode)
         report = _report(spec, manifest, status)
         (tmp / "report.md").write_text(report, encoding="utf-8")
         report_entry = _file_entry(tmp, "report.md")

@@ -197,20 +197,43 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [b, s, h, h_d]
         k = self.k_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(src).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if past_key is not None and key_padding_mask is None and self._kernel_serves_cache():
-            offset = past_key.shape[2]
-            if isinstance(self.pos_embeddings, RotaryEmbedding):
-                q = self.pos_embeddings(q, offset, seq_dim=1)
-                k = self.pos_embeddings(k, offset, seq_dim=1)
-            out, present_key, present_value = cached_attention(q, k, v, past_key, past_value)
-            return self.out_proj(out.flatten(2)), present_key, present_value
-        if past_key is None and self._kernel_serves():
-            if isinstance(self.pos_embeddings, RotaryEmbedding):
-                q = self.pos_embeddings(q, seq_dim=1)
-                k = self.pos_embeddings(k, seq_dim=1)
-            out = self._attend_kernel(q, k, v, key_padding_mask)  # [b, s, h, h_d]
-            out = self.out_proj(out.flatten(2))  # [b, s, d]
-            return (out, k.transpose(1, 2), v.transpose(1, 2)) if use_cache else out
+        core = self._core(past_key, key_padding_mask)
+        out, present_key, present_value = core(q, k, v, past_key, past_value, key_padding_mask)
+        out = self.out_proj(out.flatten(2))  # [b, s, d]
+        if use_cache or past_key is not None:
+            return out, present_key, present_value
+        return out
+
+    def _core(self, past_key, key_padding_mask):
+        """The attention core for this call: each takes q [b, s, h, h_d], k/v [b, s_src, h_kv,
+        h_d] before RoPE, the past and the key padding, and returns (out [b, s, h, h_d],
+        present_key, present_value [b, h_kv, p + s, h_d]).
+
+        A kernel core is chosen wherever models._kernels has this attention's semantics; in
+        eager and in the plain exports it runs torch's SDPA in the projections' layout, and
+        inside ``ort_kernels()`` it becomes a kernel op. Everything else takes the plain core.
+        """
+        if past_key is None:
+            return self._kernel_core if self._kernel_serves() else self._plain_core
+        if key_padding_mask is None and self._kernel_serves_cache():
+            return self._cached_kernel_core
+        return self._plain_core
+
+    def _cached_kernel_core(self, q, k, v, past_key, past_value, key_padding_mask):
+        offset = past_key.shape[2]
+        if isinstance(self.pos_embeddings, RotaryEmbedding):
+            q = self.pos_embeddings(q, offset, seq_dim=1)
+            k = self.pos_embeddings(k, offset, seq_dim=1)
+        return cached_attention(q, k, v, past_key, past_value)
+
+    def _kernel_core(self, q, k, v, past_key, past_value, key_padding_mask):
+        if isinstance(self.pos_embeddings, RotaryEmbedding):
+            q = self.pos_embeddings(q, seq_dim=1)
+            k = self.pos_embeddings(k, seq_dim=1)
+        out = self._attend_kernel(q, k, v, key_padding_mask)  # [b, s, h, h_d]
+        return out, k.transpose(1, 2), v.transpose(1, 2)  # presents [b, h_kv, s, h_d]
+
+    def _plain_core(self, q, k, v, past_key, past_value, key_padding_mask):
         q = q.transpose(1, 2)  # [b, h, s, h_d]
         k = k.transpose(1, 2)  # [b, h_kv, s_src, h_d]
         v = v.transpose(1, 2)  # [b, h_kv, s_src, h_d]
@@ -222,11 +245,7 @@ class MultiHeadAttention(nn.Module):
             k = torch.cat((past_key, k), dim=2)  # [b, h_kv, p + s, h_d]
             v = torch.cat((past_value, v), dim=2)  # [b, h_kv, p + s, h_d]
         out = self._attend(q, k, v, key_padding_mask)  # [b, h, s, h_d]
-        out = out.transpose(1, 2).flatten(2)  # [b, s, d]
-        out = self.out_proj(out)
-        if use_cache or past_key is not None:
-            return out, k, v
-        return out
+        return out.transpose(1, 2), k, v  # [b, s, h, h_d]
 
     def _kernel_serves(self) -> bool:
         """Whether models._kernels.attention has this attention's semantics (without a cache):

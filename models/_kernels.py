@@ -5,7 +5,7 @@ custom op ``attnx::attention``, which the exporter's ``fused`` variant lowers to
 kernels that never materialize an s x s score, mask or bias tensor: GroupQueryAttention for
 causal attention (it skips the masked half) and MultiHeadAttention's flash path otherwise.
 Key padding reaches those kernels as an extra head dimension, a score bias (ALiBi, T5,
-Transformer-XL) as the kernel's bias input (export/_kernels_onnx.py).
+Transformer-XL) as the kernel's bias input (export/rewrites/kernels.py).
 
 The core works in the projections' layout, [b, s, heads, h_d], so neither the model nor the
 lowering transposes q, k, v or the output: at long sequences each transpose is a copy.

@@ -2,7 +2,7 @@
 
 Inside ``onnx_native()``, rotary embeddings emit ``torch.onnx.ops.rotary_embedding`` (exported
 as ONNX RotaryEmbedding-23) and a causal sliding window the kernel op ``attnx::attention``,
-which export/_native_onnx.py lowers to ONNX Attention-25 with ``left_window_size``. Outside it
+which export/rewrites/native.py lowers to ONNX Attention-25 with ``left_window_size``. Outside it
 (eager, and every other export) the modules run their plain torch code; the torch.onnx ops'
 own eager code computes the same numbers.
 """

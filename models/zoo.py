@@ -32,8 +32,9 @@ __all__ = [
     "SMALL",
     "Size",
     "UnknownEntryError",
-    "cache_description",
-    "lm_cache",
+    "KVCache",
+    "LAYER_CACHE",
+    "LM_CACHE",
     "ZooEntry",
     "entries",
     "get",
@@ -88,9 +89,9 @@ class ZooEntry:
     example: Mapping[str, int]
     tolerance: str = "tight"
     forward_kwargs: Mapping[str, object] = field(default_factory=dict)
-    # KV-cache layout for entries with past/present tensors (see cache_description); it is
-    # written to the bundle's manifest as extra["cache"] so the runtime needs no guesswork.
-    cache: Mapping[str, object] | None = None
+    # For entries with past/present tensors: written to the bundle's manifest as its typed
+    # cache, so the runtime needs no guesswork.
+    cache: KVCache | None = None
 
     def build(self, seed: int = SEED, **overrides) -> nn.Module:
         """The module with deterministic weights for ``seed``, in eval mode."""
@@ -192,49 +193,45 @@ def _decoder_layer(**config) -> nn.Module:
 # --- KV-cache descriptions ----------------------------------------------------------------------
 
 
-def cache_description(
-    *,
-    layout: str,
-    pairs: tuple[tuple[str, str], ...],
-    past_axis: int,
-    batch_axis: int,
-    max_length: int,
-    token_input: str | None = None,
-    logits_output: str | None = None,
-) -> dict[str, object]:
-    """The manifest's extra["cache"]: how a runtime feeds a cached graph step after step.
+@dataclass(frozen=True)
+class KVCache:
+    """How an entry's past inputs become its present outputs, step after step.
 
-    Args:
-        layout: the cache tensors' shape in words, e.g. "[L, batch, kv_heads, past, head_dim]".
-        pairs: (past input, present output) per cache tensor, keys first.
-        past_axis: the axis of the past length in each past input (and of past + seq in each
-            present output); batch_axis likewise for the batch.
-        max_length: the most positions a cache may hold (the declared max of the "past" dim).
-        token_input, logits_output: the token-ids input and the logits output of a language
-            model (None for a block that takes hidden states).
+    pairs: (past input, present output) per cache tensor, keys first then values.
+    layout: the cache tensors' shape in words, e.g. "[L, batch, kv_heads, past, head_dim]".
+    past_axis, batch_axis: the axes of the past length and of the batch in each past input (and
+        of past + seq, batch in each present output).
+    token_input, logits_output: a language model's token-ids input and logits output (None for
+        a block that takes hidden states).
+
+    The exporter writes it to the manifest's typed cache, with the "past" dim's declared max as
+    the most positions a cache may hold; keys are cached after RoPE and new tokens sit at
+    positions past .. past + seq - 1, as MultiHeadAttention computes them.
     """
-    return {
-        "version": 1,
-        # Past length 0 is the prefill, past length >= 1 a decode step: one graph serves both.
-        "graphs": "single",
-        "layout": layout,
-        "tensors": [
-            {"past": past, "present": present, "holds": holds}
-            for (past, present), holds in zip(pairs, ("keys", "values"), strict=True)
-        ],
-        "past_dim": "past",
-        "seq_dim": "seq",
-        "batch_dim": "batch",
-        "past_axis": past_axis,
-        "batch_axis": batch_axis,
-        # Keys are stored rotated (RoPE applied at their own position); never rotate again.
-        "keys": "post-rope",
-        # The new tokens sit at positions past .. past + seq - 1 (bottom-right causal mask).
-        "position_offset": "past",
-        "max_length": max_length,
-        "token_input": token_input,
-        "logits_output": logits_output,
-    }
+
+    pairs: tuple[tuple[str, str], ...]
+    layout: str
+    past_axis: int
+    batch_axis: int
+    token_input: str | None = None
+    logits_output: str | None = None
+
+
+# DecoderLM stacks every layer's cache in one tensor.
+LM_CACHE = KVCache(
+    pairs=(("past_keys", "present_keys"), ("past_values", "present_values")),
+    layout="[L, batch, kv_heads, past, head_dim]",
+    past_axis=3,
+    batch_axis=1,
+    token_input="input_ids",
+    logits_output="logits",
+)
+LAYER_CACHE = KVCache(
+    pairs=(("past_key", "present_key"), ("past_value", "present_value")),
+    layout="[batch, kv_heads, past, head_dim]",
+    past_axis=2,
+    batch_axis=0,
+)
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -266,19 +263,6 @@ def _example(*dims: str) -> dict[str, int]:
     return {d: EXAMPLE[d] for d in dims}
 
 
-def lm_cache(max_length: int) -> dict[str, object]:
-    """Cache description of DecoderLM: every layer's cache stacked in one tensor."""
-    return cache_description(
-        layout="[L, batch, kv_heads, past, head_dim]",
-        pairs=(("past_keys", "present_keys"), ("past_values", "present_values")),
-        past_axis=3,
-        batch_axis=1,
-        max_length=max_length,
-        token_input="input_ids",
-        logits_output="logits",
-    )
-
-
 def _registry(size: Size = SMALL) -> list[ZooEntry]:
     D, H, HD, vocab = size.d, size.heads, size.head_dim, size.vocab  # noqa: N806
     BATCH, SEQ = (1, size.max_batch), (1, size.max_seq)  # noqa: N806
@@ -304,13 +288,6 @@ def _registry(size: Size = SMALL) -> list[ZooEntry]:
             **kw,
         )
 
-    layer_cache = cache_description(
-        layout="[batch, kv_heads, past, head_dim]",
-        pairs=(("past_key", "present_key"), ("past_value", "present_value")),
-        past_axis=2,
-        batch_axis=0,
-        max_length=cached_dims["past"][1],
-    )
     return [
         ZooEntry(
             name="sinusoidal_pe",
@@ -419,7 +396,7 @@ def _registry(size: Size = SMALL) -> list[ZooEntry]:
             inputs=(X, PAST_K, PAST_V),
             outputs=CACHE_OUT,
             dims=cached_dims,
-            cache=layer_cache,
+            cache=LAYER_CACHE,
         ),
         ZooEntry(
             name="encoder_layer",
@@ -467,7 +444,7 @@ def _registry(size: Size = SMALL) -> list[ZooEntry]:
             outputs=CACHE_OUT,
             dims=cached_dims,
             example=_example("batch", "seq", "past"),
-            cache=layer_cache,
+            cache=LAYER_CACHE,
         ),
         ZooEntry(
             name="encoder",
@@ -510,7 +487,7 @@ def _registry(size: Size = SMALL) -> list[ZooEntry]:
             dims=cached_dims,
             example=_example("batch", "seq", "past"),
             tolerance="deep",
-            cache=lm_cache(cached_dims["past"][1]),
+            cache=LM_CACHE,
         ),
     ]
 

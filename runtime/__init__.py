@@ -45,14 +45,15 @@ Bundles and running (onnxruntime imported lazily, only when a session is made)
     choose_variant(manifest, provider, name=None) -> Variant
     resolve_provider("auto" | "cpu" | "cuda") -> provider name; available_providers()
 
-Generation with a KV cache (runtime._generate; the layout comes from manifest extra["cache"])
+Generation with a KV cache (runtime._generate; the layout is the manifest's typed Cache)
     Generator(bundle_or_runner, *, provider="auto", variant=None, threads=None)  context manager
         .generate(prompt_ids, max_new_tokens) -> list[int]   greedy; the new tokens only
         .steps(prompt_ids, max_new_tokens) -> iterator of Step(token, logits)
         .step(ids) -> logits [len(ids), V]; .reset(); .checkpoint() / .rewind(c); .length;
         .max_length; .cache
     generate(bundle_or_runner, prompt_ids, max_new_tokens, *, provider, threads) -> list[int]
-    CacheLayout.from_manifest(manifest)   the checked cache description
+    Manifest.cache -> Cache(tensors, layout, past_axis, batch_axis, max_length, ...) or None
+    Manifest.decode_parity -> DecodeParity(steps, runs, records) or None
 
 CLI (runtime._cli): main(argv=None, *, extra=None) -> int; add_commands(subparsers)
 """
@@ -63,10 +64,13 @@ import onnx as _onnx
 
 from ._bundle import Bundle, GoldenSample, load_bundle
 from ._errors import ArtifactError, AttnxError, InputError, ParityError, ProviderError
-from ._generate import CacheLayout, Generator, Step, generate
+from ._generate import Generator, Step, generate
 from ._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    Cache,
+    CacheTensor,
+    DecodeParity,
     DimRange,
     FileEntry,
     Golden,
@@ -114,7 +118,9 @@ __all__ = [
     "MANIFEST_NAME",
     "ArtifactError",
     "Bundle",
-    "CacheLayout",
+    "Cache",
+    "CacheTensor",
+    "DecodeParity",
     "Generator",
     "Step",
     "generate",

@@ -23,9 +23,11 @@ class ParityError(AttnxError):
     """Numbers differ beyond tolerance.
 
     `records` holds the failing records that were checked (OutputParity or ParityRecord), and
-    the message lists every one of them, not only the first.
+    the message lists every one of them, not only the first; `checked` holds every record
+    that was checked, passing ones too (the failing ones where not given).
     """
 
-    def __init__(self, message: str, records=()):
+    def __init__(self, message: str, records=(), checked=()):
         super().__init__(message)
         self.records = tuple(records)
+        self.checked = tuple(checked) or self.records

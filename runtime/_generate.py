@@ -1,8 +1,8 @@
 """Greedy generation with a bundle's KV cache, torch-free.
 
-A cached bundle describes its cache in manifest.json's extra["cache"] (written by the exporter
-from the zoo entry, see models.zoo.cache_description); CacheLayout reads and checks it, so
-nothing here guesses names, axes or limits:
+A cached bundle describes its cache in manifest.json's "cache" (runtime._manifest.Cache,
+written by the exporter from the zoo entry's KVCache and checked when the manifest is read),
+so nothing here guesses names, axes or limits:
 
     "tensors":  [{"past": "past_keys", "present": "present_keys", "holds": "keys"}, ...]
     "layout":   "[L, batch, kv_heads, past, head_dim]"; past_axis 3, batch_axis 1
@@ -31,131 +31,24 @@ buffer).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._errors import ArtifactError, InputError
-from ._manifest import MANIFEST_NAME, Manifest
+from ._manifest import MANIFEST_NAME, Cache, Manifest
 from ._runner import Runner
 from ._session import CUDA, ort_errors
 
-CACHE_VERSION = 1
-_CACHE_KEYS = ("version", "graphs", "layout", "tensors", "past_dim", "seq_dim", "batch_dim",
-               "past_axis", "batch_axis", "keys", "position_offset", "max_length",
-               "token_input", "logits_output")
 
-
-def _bad(key: str, what: str) -> ArtifactError:
-    return ArtifactError(f"{MANIFEST_NAME}: extra.cache.{key}: {what}")
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """The KV-cache description of a bundle (manifest extra["cache"]), checked against the
-    manifest's inputs, outputs and dims."""
-
-    pasts: tuple[str, ...]
-    presents: tuple[str, ...]
-    layout: str
-    past_dim: str
-    seq_dim: str
-    batch_dim: str
-    past_axis: int
-    batch_axis: int
-    max_length: int
-    token_input: str | None
-    logits_output: str | None
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest) -> CacheLayout:
-        """Read extra["cache"]; ArtifactError naming the key when it is absent or wrong."""
-        raw = manifest.extra.get("cache")
-        if raw is None:
-            raise ArtifactError(f"bundle {manifest.name!r} declares no KV cache (no "
-                                f"extra.cache in {MANIFEST_NAME}); it cannot be decoded "
-                                "step by step")
-        if not isinstance(raw, Mapping):
-            raise _bad("", f"expected an object, got {type(raw).__name__}")
-        missing = [k for k in _CACHE_KEYS if k not in raw]
-        if missing:
-            raise _bad(missing[0], "missing required key")
-        if raw["version"] != CACHE_VERSION:
-            raise _bad("version", f"expected {CACHE_VERSION}, got {raw['version']!r} "
-                       "(a newer cache format; upgrade attnx)")
-        for key, want in (("graphs", "single"), ("position_offset", "past")):
-            if raw[key] != want:
-                raise _bad(key, f"this attnx runs one graph for prefill and decode whose "
-                           f"positions continue from the past length ({key} {want!r}), got "
-                           f"{raw[key]!r}")
-        inputs = {t.name: t for t in manifest.inputs}
-        outputs = {t.name: t for t in manifest.outputs}
-        dims = {k: raw[k] for k in ("past_dim", "seq_dim", "batch_dim")}
-        for key, dim in dims.items():
-            if not isinstance(dim, str) or dim not in manifest.dims:
-                raise _bad(key, f"{dim!r} is not a dim of the bundle ({', '.join(manifest.dims)})")
-        tensors = raw["tensors"]
-        if not isinstance(tensors, list) or not tensors:
-            raise _bad("tensors", "expected a non-empty list of {past, present} objects")
-        pasts, presents = [], []
-        for i, t in enumerate(tensors):
-            past, present = _name(t, "past"), _name(t, "present")
-            if past not in inputs:
-                raise _bad(f"tensors[{i}].past", f"{_raw(t, 'past')!r} is not an input of the "
-                           "bundle")
-            if present not in outputs:
-                raise _bad(f"tensors[{i}].present", f"{_raw(t, 'present')!r} is not an output "
-                           "of the bundle")
-            _check_past_shape(inputs[past], i, raw, dims)
-            pasts.append(past)
-            presents.append(present)
-        max_length = raw["max_length"]
-        past_max = manifest.dims[dims["past_dim"]].max
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or not (
-                1 <= max_length <= past_max):
-            raise _bad("max_length", f"expected an integer in 1..{past_max} (the "
-                       f"{dims['past_dim']!r} dim's max), got {max_length!r}")
-        token, logits = raw["token_input"], raw["logits_output"]
-        if token is not None and _name(raw, "token_input") not in inputs:
-            raise _bad("token_input", f"{token!r} is not an input of the bundle")
-        if logits is not None and _name(raw, "logits_output") not in outputs:
-            raise _bad("logits_output", f"{logits!r} is not an output of the bundle")
-        return cls(tuple(pasts), tuple(presents), str(raw["layout"]), dims["past_dim"],
-                   dims["seq_dim"], dims["batch_dim"], raw["past_axis"], raw["batch_axis"],
-                   max_length, token, logits)
-
-    @property
-    def is_lm(self) -> bool:
-        return self.token_input is not None and self.logits_output is not None
-
-
-def _name(obj: Any, key: str) -> str | None:
-    """obj[key] when obj is an object and that is a string, else None (never unhashable)."""
-    value = obj.get(key) if isinstance(obj, Mapping) else None
-    return value if isinstance(value, str) else None
-
-
-def _raw(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, Mapping) else obj
-
-
-def _check_past_shape(spec, i: int, raw: Mapping[str, Any], dims: Mapping[str, str]) -> None:
-    """The past input has the past dim at past_axis, the batch dim at batch_axis and static
-    sizes elsewhere (so that an empty cache can be made from the manifest alone)."""
-    shape = list(spec.shape)
-    for key, dim in (("past_axis", dims["past_dim"]), ("batch_axis", dims["batch_dim"])):
-        axis = raw[key]
-        ok = isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < len(shape)
-        if not ok or shape[axis] != dim:
-            raise _bad(key, f"axis {axis!r} of input {spec.name!r} (shape {shape}) is not "
-                       f"the {dim!r} dim")
-    for axis, dim in enumerate(shape):
-        if isinstance(dim, str) and axis not in (raw["past_axis"], raw["batch_axis"]):
-            raise _bad(f"tensors[{i}].past", f"input {spec.name!r} (shape {shape}) has the "
-                       f"dynamic dim {dim!r} at axis {axis}; a cache may vary only in batch "
-                       "and past")
+def bundle_cache(manifest: Manifest) -> Cache:
+    """The manifest's typed cache; ArtifactError when the bundle declares none."""
+    if manifest.cache is None:
+        raise ArtifactError(f"bundle {manifest.name!r} declares no KV cache (no cache in "
+                            f"{MANIFEST_NAME}); it cannot be decoded step by step")
+    return manifest.cache
 
 
 @dataclass(frozen=True)
@@ -182,11 +75,11 @@ class Generator:
         runner = (Runner(source, provider=provider, variant=variant, threads=threads)
                   if self._owns_runner else source)
         try:
-            self.cache = CacheLayout.from_manifest(runner.manifest)
+            self.cache = bundle_cache(runner.manifest)
             if not self.cache.is_lm:
                 raise InputError(f"bundle {runner.manifest.name!r} caches a block, not a "
                                  "language model (no token_input/logits_output in "
-                                 "extra.cache); generate needs token ids in and logits out")
+                                 "its cache); generate needs token ids in and logits out")
         except BaseException:
             if self._owns_runner:
                 runner.close()
@@ -327,7 +220,7 @@ class Generator:
 
     def _empty_past(self, name: str) -> np.ndarray:
         """The prefill's past: size 0 on the past axis, batch 1, the static sizes elsewhere
-        (CacheLayout checked that every other dim is static)."""
+        (the manifest reader checked that every other dim is static)."""
         spec = self._inputs[name]
         shape = [0 if a == self.cache.past_axis else 1 if a == self.cache.batch_axis else d
                  for a, d in enumerate(spec.shape)]

@@ -21,9 +21,12 @@ from typing import Any
 from ._errors import ArtifactError
 
 FORMAT = "attnx.bundle"
-# 2: inputs may carry a value_range, and the manifest the machine that measured it. Version-1
-# bundles have neither and load as they are.
-FORMAT_VERSION = 2
+# 2: inputs may carry a value_range, and the manifest the machine that measured it.
+# 3: the KV cache and the decode-loop parity are typed top-level keys ("cache",
+# "decode_parity"); version 2 kept them untyped in "extra", where they are still read from.
+# Parity outputs may count the positions they left out ("excluded").
+# Older bundles load as they are.
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 # Far above any real manifest (a large shape grid is well under 1 MiB), far below a memory DoS.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -123,6 +126,9 @@ class OutputParity:
     passed: bool
     # Why a record failed without numbers (missing output, shape mismatch); empty otherwise.
     note: str = ""
+    # Positions not compared because the model defines no answer there (a causal query whose
+    # keys are all padding); format 3 and up.
+    excluded: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,68 @@ class Golden:
 
 
 @dataclass(frozen=True)
+class CacheTensor:
+    """One cache tensor: the past input fed at each step and the present output that becomes
+    the next step's past; ``holds`` is "keys" or "values"."""
+
+    past: str
+    present: str
+    holds: str
+
+
+@dataclass(frozen=True)
+class Cache:
+    """How a runtime feeds a cached graph step after step, so that it guesses nothing.
+
+    One graph serves the prefill (past length 0) and every decode step (past >= 1); the new
+    tokens sit at positions past .. past + seq - 1 (bottom-right causal) and keys are cached
+    after RoPE, at their own position. Each past input has the past dim at ``past_axis``, the
+    batch dim at ``batch_axis`` and static sizes elsewhere, so an empty cache can be made from
+    the manifest alone. ``max_length``: the most positions a cache may hold.
+    ``token_input``/``logits_output``: a language model's token ids and logits (None for a block
+    that takes hidden states).
+    """
+
+    tensors: tuple[CacheTensor, ...]
+    layout: str
+    past_axis: int
+    batch_axis: int
+    max_length: int
+    past_dim: str = "past"
+    seq_dim: str = "seq"
+    batch_dim: str = "batch"
+    token_input: str | None = None
+    logits_output: str | None = None
+
+    @property
+    def pasts(self) -> tuple[str, ...]:
+        return tuple(t.past for t in self.tensors)
+
+    @property
+    def presents(self) -> tuple[str, ...]:
+        return tuple(t.present for t in self.tensors)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.token_input is not None and self.logits_output is not None
+
+
+@dataclass(frozen=True)
+class DecodeParity:
+    """The decode loop checked at export: ``runs`` are the (batch, seq, past) of each run's
+    first step, each followed by ``steps`` decode steps; every record's point adds "run" and
+    "step" to the dims."""
+
+    steps: int
+    runs: tuple[Mapping[str, int], ...]
+    records: tuple[ParityRecord, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.records)
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     source: Mapping[str, Any]
@@ -166,6 +234,8 @@ class Manifest:
     golden: Golden
     extra: Mapping[str, Any] = field(default_factory=dict)
     machine: Machine | None = None
+    cache: Cache | None = None
+    decode_parity: DecodeParity | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -468,7 +538,7 @@ _OUTPUT_PARITY_KEYS = (
 
 
 def _output_parity(value: Any, where: str) -> OutputParity:
-    d = _keys(value, where, _OUTPUT_PARITY_KEYS, ("note",))
+    d = _keys(value, where, _OUTPUT_PARITY_KEYS, ("note", "excluded"))
     at = lambda k: f"{where}.{k}"  # noqa: E731 - a key-path shorthand, local to this reader
     return OutputParity(
         name=_str(d["name"], at("name")),
@@ -488,6 +558,7 @@ def _output_parity(value: Any, where: str) -> OutputParity:
         min_atol=_measured(d["min_atol"], at("min_atol")),
         passed=_bool(d["passed"], at("passed")),
         note=_str(d["note"], at("note")) if "note" in d else "",
+        excluded=_int(d["excluded"], at("excluded")) if "excluded" in d else 0,
     )
 
 
@@ -518,6 +589,109 @@ def _golden(value: Any, files: set[str], dims, inputs: list[str], outputs: list[
     return Golden(file, tuple(cases))
 
 
+_CACHE_KEYS = ("tensors", "layout", "past_axis", "batch_axis", "max_length", "past_dim",
+               "seq_dim", "batch_dim", "token_input", "logits_output")
+# What every cache of this format is: written out so that a reader of the JSON sees it, and
+# checked so that a cache of another kind is refused rather than fed wrongly.
+CACHE_FIXED = {"graphs": "single", "keys": "post-rope", "position_offset": "past"}
+CACHE_HOLDS = ("keys", "values")
+
+
+def _cache(value: Any, where: str, inputs: Mapping[str, TensorSpec],
+           outputs: Mapping[str, TensorSpec], dims: Mapping[str, DimRange],
+           legacy: bool) -> Cache:
+    # Version 2 kept the cache in extra with a version of its own (1).
+    d = _keys(value, where, _CACHE_KEYS + tuple(CACHE_FIXED) + (("version",) if legacy else ()))
+    if legacy and d["version"] != 1:
+        raise _fail(f"{where}.version", f"expected 1, got {_show(d['version'])}")
+    for key, want in CACHE_FIXED.items():
+        if d[key] != want:
+            raise _fail(f"{where}.{key}", f"this attnx feeds one graph for prefill and decode, "
+                        f"positions continuing from the past, keys cached after RoPE; expected "
+                        f"{want!r}, got {_show(d[key])}")
+    names = {}
+    for key in ("past_dim", "seq_dim", "batch_dim"):
+        names[key] = _str(d[key], f"{where}.{key}")
+        if names[key] not in dims:
+            raise _fail(f"{where}.{key}", f"{names[key]!r} is not a dim of the bundle "
+                        f"({', '.join(dims)})")
+    tensors = _list(d["tensors"], f"{where}.tensors")
+    if not tensors:
+        raise _fail(f"{where}.tensors", "expected at least one {past, present, holds} object")
+    cache = Cache(
+        tensors=tuple(_cache_tensor(t, f"{where}.tensors[{i}]", inputs, outputs)
+                      for i, t in enumerate(tensors)),
+        layout=_str(d["layout"], f"{where}.layout"),
+        past_axis=_int(d["past_axis"], f"{where}.past_axis"),
+        batch_axis=_int(d["batch_axis"], f"{where}.batch_axis"),
+        max_length=_int(d["max_length"], f"{where}.max_length", minimum=1),
+        token_input=_tensor_name(d["token_input"], f"{where}.token_input", inputs, "an input",
+                                 optional=True),
+        logits_output=_tensor_name(d["logits_output"], f"{where}.logits_output", outputs,
+                                   "an output", optional=True),
+        **names,
+    )
+    past_max = dims[cache.past_dim].max
+    if cache.max_length > past_max:
+        raise _fail(f"{where}.max_length", f"{cache.max_length} exceeds {past_max}, the "
+                    f"{cache.past_dim!r} dim's max")
+    for i, t in enumerate(cache.tensors):
+        _check_past_shape(inputs[t.past], f"{where}.tensors[{i}].past", cache)
+    return cache
+
+
+def _cache_tensor(value: Any, where: str, inputs, outputs) -> CacheTensor:
+    d = _keys(value, where, ("past", "present", "holds"))
+    if d["holds"] not in CACHE_HOLDS:
+        raise _fail(f"{where}.holds", f"expected one of {CACHE_HOLDS}, got {_show(d['holds'])}")
+    return CacheTensor(_tensor_name(d["past"], f"{where}.past", inputs, "an input"),
+                       _tensor_name(d["present"], f"{where}.present", outputs, "an output"),
+                       d["holds"])
+
+
+def _tensor_name(value: Any, where: str, tensors: Mapping[str, TensorSpec], kind: str,
+                 optional: bool = False) -> str | None:
+    """A name of one of ``tensors``; None where ``optional`` (the model has no such tensor)."""
+    if value is None and optional:
+        return None
+    name = _str(value, where)
+    if name not in tensors:
+        raise _fail(where, f"{name!r} is not {kind} of the bundle ({', '.join(tensors)})")
+    return name
+
+
+def _check_past_shape(spec: TensorSpec, where: str, cache: Cache) -> None:
+    """The past input has the past dim at past_axis, the batch dim at batch_axis and static
+    sizes elsewhere (so that an empty cache can be made from the manifest alone)."""
+    shape = list(spec.shape)
+    for axis, dim in ((cache.past_axis, cache.past_dim), (cache.batch_axis, cache.batch_dim)):
+        if axis >= len(shape) or shape[axis] != dim:
+            raise _fail(where, f"axis {axis} of input {spec.name!r} (shape {shape}) is not the "
+                        f"{dim!r} dim")
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, str) and axis not in (cache.past_axis, cache.batch_axis):
+            raise _fail(where, f"input {spec.name!r} (shape {shape}) has the dynamic dim "
+                        f"{dim!r} at axis {axis}; a cache may vary only in batch and past")
+
+
+# Decode records add these to the dims of their point; any count is allowed.
+DECODE_POINT = {"run": DimRange(0, 2**31), "step": DimRange(0, 2**31)}
+
+
+def _decode_parity(value: Any, where: str, variants: list[str], dims) -> DecodeParity:
+    d = _keys(value, where, ("steps", "runs", "records"), ("passed",))
+    if "passed" in d:  # written by version 2, derived from the records since
+        _bool(d["passed"], f"{where}.passed")
+    at = {**dims, **DECODE_POINT}
+    return DecodeParity(
+        steps=_int(d["steps"], f"{where}.steps", minimum=1),
+        runs=tuple(_point(r, f"{where}.runs[{i}]", dims)
+                   for i, r in enumerate(_list(d["runs"], f"{where}.runs"))),
+        records=tuple(_parity(r, f"{where}.records[{i}]", variants, at)
+                      for i, r in enumerate(_list(d["records"], f"{where}.records"))),
+    )
+
+
 _TOP_KEYS = ("format", "format_version", "name", "source", "producer", "opset", "inputs",
              "outputs", "dims", "files", "variants", "parity", "golden")
 
@@ -531,7 +705,7 @@ def _parse_manifest(d: Any) -> Manifest:
         if version > FORMAT_VERSION:
             raise _fail("format_version", f"bundle format_version {version} is newer than this "
                         f"attnx supports ({FORMAT_VERSION}); upgrade attnx")
-    d = _keys(d, "", _TOP_KEYS, ("extra", "machine"))
+    d = _keys(d, "", _TOP_KEYS, ("extra", "machine", "cache", "decode_parity"))
     if d["format"] != FORMAT:
         raise _fail("format", f"expected {FORMAT!r}, got {_show(d['format'])}")
     dims = _dims(d["dims"])
@@ -555,6 +729,10 @@ def _parse_manifest(d: Any) -> Manifest:
     producer = _obj(d["producer"], "producer")
     for k, v in producer.items():
         _str(v, f"producer.{k}")
+    extra = dict(_obj(d.get("extra", {}), "extra"))
+    legacy = d["format_version"] < 3
+    raw_cache, cache_at = _typed_key(d, extra, "cache", legacy)
+    raw_decode, decode_at = _typed_key(d, extra, "decode_parity", legacy)
     return Manifest(
         name=_str(d["name"], "name"),
         source=_obj(d["source"], "source"),
@@ -568,11 +746,26 @@ def _parse_manifest(d: Any) -> Manifest:
         parity=tuple(_parity(p, f"parity[{i}]", variant_names, dims)
                      for i, p in enumerate(_list(d["parity"], "parity"))),
         golden=_golden(d["golden"], paths, dims, [t.name for t in inputs], out_names),
-        extra=_obj(d.get("extra", {}), "extra"),
+        extra=extra,
         machine=_machine(d["machine"]) if "machine" in d else None,
+        cache=None if raw_cache is None else _cache(
+            raw_cache, cache_at, {t.name: t for t in inputs}, {t.name: t for t in outputs}, dims,
+            legacy=cache_at.startswith("extra.")),
+        decode_parity=None if raw_decode is None else _decode_parity(
+            raw_decode, decode_at, variant_names, dims),
         format=d["format"],
         format_version=_int(d["format_version"], "format_version", minimum=1),
     )
+
+
+def _typed_key(d: dict[str, Any], extra: dict[str, Any], key: str, legacy: bool):
+    """(raw value, key path) of a typed top-level key; a version-2 manifest kept it in extra,
+    from where it is taken out."""
+    if key in d:
+        return d[key], key
+    if legacy and key in extra:
+        return extra.pop(key), f"extra.{key}"
+    return None, key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +795,8 @@ def _output_parity_dict(o: OutputParity) -> dict[str, Any]:
     }
     if o.note:
         d["note"] = o.note
+    if o.excluded:
+        d["excluded"] = o.excluded
     return d
 
 
@@ -617,11 +812,33 @@ def _tensor_dict(t: TensorSpec) -> dict[str, Any]:
     return d
 
 
-def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
-    machine = {}
+def _cache_dict(c: Cache) -> dict[str, Any]:
+    return {
+        "tensors": [{"past": t.past, "present": t.present, "holds": t.holds} for t in c.tensors],
+        "layout": c.layout, "past_axis": c.past_axis, "batch_axis": c.batch_axis,
+        "max_length": c.max_length, "past_dim": c.past_dim, "seq_dim": c.seq_dim,
+        "batch_dim": c.batch_dim, "token_input": c.token_input,
+        "logits_output": c.logits_output, **CACHE_FIXED,
+    }
+
+
+def _decode_parity_dict(p: DecodeParity) -> dict[str, Any]:
+    return {"steps": p.steps, "runs": [dict(r) for r in p.runs],
+            "records": [parity_record_dict(r) for r in p.records]}
+
+
+def _optional_dict(m: Manifest) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if m.machine is not None:
-        machine["machine"] = {"arch": m.machine.arch,
-                              "cpu_features": list(m.machine.cpu_features)}
+        out["machine"] = {"arch": m.machine.arch, "cpu_features": list(m.machine.cpu_features)}
+    if m.cache is not None:
+        out["cache"] = _cache_dict(m.cache)
+    if m.decode_parity is not None:
+        out["decode_parity"] = _decode_parity_dict(m.decode_parity)
+    return out
+
+
+def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
     return {
         "format": m.format,
         "format_version": m.format_version,
@@ -644,5 +861,5 @@ def _manifest_to_dict(m: Manifest) -> dict[str, Any]:
             {"point": dict(c.point), "inputs": dict(c.inputs), "outputs": dict(c.outputs)}
             for c in m.golden.cases]},
         "extra": dict(m.extra),
-        **machine,
+        **_optional_dict(m),
     }

@@ -65,9 +65,11 @@ class ToleranceTable:
 # Measurement
 
 
-def measure(name: str, actual, expected, *, atol: float, rtol: float) -> OutputParity:
+def measure(name: str, actual, expected, *, atol: float, rtol: float,
+            leave_out=None) -> OutputParity:
     """Measure one output against its reference. Never raises on bad numbers or shapes: a
-    shape mismatch or NaN is a failing record."""
+    shape mismatch or NaN is a failing record. ``leave_out`` (bool, broadcast to the shape)
+    marks positions the model defines no answer for; they are not compared, and counted."""
     a = np.asarray(actual)
     b = np.asarray(expected)
     if a.shape != b.shape:
@@ -75,6 +77,10 @@ def measure(name: str, actual, expected, *, atol: float, rtol: float) -> OutputP
                        f"shape {list(a.shape)} differs from expected {list(b.shape)}")
     a64 = a.astype(np.float64)
     b64 = b.astype(np.float64)
+    excluded = 0
+    if leave_out is not None:
+        left = np.broadcast_to(np.asarray(leave_out, dtype=bool), a.shape)
+        a64, b64, excluded = np.where(left, 0.0, a64), np.where(left, 0.0, b64), int(left.sum())
     nan = np.isnan(a64) | np.isnan(b64)
     inf = np.isinf(a64) | np.isinf(b64)
     same_inf = inf & (a64 == b64)  # numpy's rule: equal infinities are close
@@ -102,6 +108,7 @@ def measure(name: str, actual, expected, *, atol: float, rtol: float) -> OutputP
         rtol=float(rtol),
         min_atol=_min_atol(excess, nan),
         passed=not bad.any(),
+        excluded=excluded,
     )
 
 
@@ -150,10 +157,13 @@ def _failed(name, dtype, shape, atol, rtol, note) -> OutputParity:
 
 
 def compare(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-            table: ToleranceTable | None = None) -> list[OutputParity]:
+            table: ToleranceTable | None = None,
+            leave_out: Mapping[str, np.ndarray] | None = None) -> list[OutputParity]:
     """One record per output, in expected order, then unexpected extras. A missing or extra
-    output is a failing record: outputs are matched by name, never zipped."""
+    output is a failing record: outputs are matched by name, never zipped. ``leave_out``: per
+    output, the positions not compared (see measure)."""
     table = table or ToleranceTable()
+    leave_out = leave_out or {}
     records = []
     for name, ref in expected.items():
         ref = np.asarray(ref)
@@ -162,7 +172,8 @@ def compare(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
             records.append(_failed(name, str(ref.dtype), ref.shape, tol.atol, tol.rtol,
                                    "missing from the actual outputs"))
             continue
-        records.append(measure(name, actual[name], ref, atol=tol.atol, rtol=tol.rtol))
+        records.append(measure(name, actual[name], ref, atol=tol.atol, rtol=tol.rtol,
+                               leave_out=leave_out.get(name)))
     for name in sorted(set(actual) - set(expected)):
         got = np.asarray(actual[name])
         tol = table.lookup(name, str(got.dtype))
@@ -187,7 +198,7 @@ def check(records: Iterable[OutputParity | ParityRecord]) -> None:
     lines = [line for r in failing for line in _failure_lines(r)]
     noun = "output" if isinstance(failing[0], OutputParity) else "record"
     head = f"parity failed: {len(failing)} of {len(records)} {noun}s"
-    raise ParityError("\n".join([head, *lines]), failing)
+    raise ParityError("\n".join([head, *lines]), failing, records)
 
 
 def _failure_lines(r: OutputParity | ParityRecord) -> list[str]:
@@ -201,10 +212,11 @@ def describe(o: OutputParity) -> str:
     """One line: the output, its numbers, its tolerance and the atol that would have passed."""
     if o.note:
         return f"{o.name}: {o.note}"
+    left = f"; {o.excluded} undefined positions left out" if o.excluded else ""
     return (f"{o.name}: max_abs {o.max_abs:.3g}, max_rel {o.max_rel:.3g}, "
             f"mismatch {o.mismatch_fraction:.2%}, worst at {list(o.worst_index)}, "
             f"nan {o.nan_count}, inf {o.inf_count}; atol {o.atol:g}, rtol {o.rtol:g}; "
-            f"passes with atol >= {o.min_atol:.3g}")
+            f"passes with atol >= {o.min_atol:.3g}{left}")
 
 
 def _point_text(point: Mapping[str, int]) -> str:

@@ -14,7 +14,7 @@ package, like importing `runtime`, stays light):
 
 Endpoints (KServe v2): GET /v2, /v2/health/live, /v2/health/ready, /v2/models/<m>,
 /v2/models/<m>/ready; POST /v2/models/<m>/infer (also under /v2/models/<m>/versions/1/).
-The client is `runtime.client`.
+The client is `runtime.serve.client`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Open Inference Protocol (KServe v2) over JSON: routing, request decoding, response encoding.
 
 Ray-free and torch-free: the Ray Serve deployments (`_app`) are thin adapters around these
-functions, and the client (`runtime.client`) shares the datatype table.
+functions, and the client (`runtime.serve.client`) shares the datatype table.
 
 A request is checked before any tensor is built: the JSON is strict (no NaN/Infinity
 literals), every tensor's name, datatype and declared shape are checked against the manifest

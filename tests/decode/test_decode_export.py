@@ -3,19 +3,28 @@ parity (prefill, then decode steps feeding each present back as the next past)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import onnx
 import pytest
+import torch
 
 from export import ExportError
 from export._check import check_bundle
-from export._decode import DEFAULT_STEPS, decode_runs, decode_stage, measure_decode
+from export._decode import (
+    DEFAULT_STEPS,
+    decode_parity,
+    decode_runs,
+    decode_stage,
+    measure_decode,
+)
 from export._pipeline import ExportStatus
 from export._spec import spec_from_zoo
 from models import zoo
-from runtime import Manifest, ParityError
+from models.zoo import LM_CACHE
+from runtime import Cache, CacheTensor, Manifest, ParityError
 
 CACHED = ("kv_cache", "decoder_layer_cached", "decoder_lm")
 
@@ -29,54 +38,56 @@ def test_cached_entries_and_only_they_describe_their_cache(name):
     entry = zoo.get(name)
     has_past = any(s.name.startswith("past") for s in entry.inputs)
     assert (entry.cache is not None) == has_past == (name in CACHED)
+    cache = spec_from_zoo(entry).cache
     if entry.cache is None:
-        assert "cache" not in spec_from_zoo(entry).extra
+        assert cache is None
         return
-    cache = spec_from_zoo(entry).extra["cache"]
     inputs = {s.name: s for s in entry.inputs}
-    for t in cache["tensors"]:
-        shape = inputs[t["past"]].shape
-        assert shape[cache["past_axis"]] == "past" and shape[cache["batch_axis"]] == "batch"
-        assert t["present"] in entry.outputs
+    for t in cache.tensors:
+        shape = inputs[t.past].shape
+        assert shape[cache.past_axis] == "past" and shape[cache.batch_axis] == "batch"
+        assert t.present in entry.outputs
         # The layout string names the same axes as the input's shape.
-        words = cache["layout"].strip("[]").split(", ")
-        assert len(words) == len(shape) and words[cache["past_axis"]] == "past"
-    assert cache["max_length"] == entry.dims["past"][1]
-    assert (cache["token_input"], cache["logits_output"]) == (
+        words = cache.layout.strip("[]").split(", ")
+        assert len(words) == len(shape) and words[cache.past_axis] == "past"
+    assert [t.holds for t in cache.tensors] == ["keys", "values"]
+    assert cache.max_length == entry.dims["past"][1]
+    assert (cache.token_input, cache.logits_output) == (
         ("input_ids", "logits") if name == "decoder_lm" else (None, None)
     )
 
 
 def test_manifest_documents_the_cache(lm_bundle):
-    cache = _manifest(lm_bundle).extra["cache"]
-    assert cache == {
-        "version": 1,
+    manifest = _manifest(lm_bundle)
+    assert manifest.cache == Cache(
+        tensors=(
+            CacheTensor("past_keys", "present_keys", "keys"),
+            CacheTensor("past_values", "present_values", "values"),
+        ),
+        layout="[L, batch, kv_heads, past, head_dim]",
+        past_axis=3,
+        batch_axis=1,
+        max_length=256,
+        token_input="input_ids",
+        logits_output="logits",
+    )
+    raw = json.loads((lm_bundle / "manifest.json").read_text())
+    assert raw["format_version"] == 3 and "cache" not in raw["extra"]
+    # What every cache of this format is, written out for a reader of the JSON.
+    assert {k: raw["cache"][k] for k in ("graphs", "keys", "position_offset")} == {
         "graphs": "single",
-        "layout": "[L, batch, kv_heads, past, head_dim]",
-        "tensors": [
-            {"past": "past_keys", "present": "present_keys", "holds": "keys"},
-            {"past": "past_values", "present": "present_values", "holds": "values"},
-        ],
-        "past_dim": "past",
-        "seq_dim": "seq",
-        "batch_dim": "batch",
-        "past_axis": 3,
-        "batch_axis": 1,
         "keys": "post-rope",
         "position_offset": "past",
-        "max_length": 256,
-        "token_input": "input_ids",
-        "logits_output": "logits",
     }
 
 
 def test_manifest_holds_every_decode_step(lm_bundle):
-    decode = _manifest(lm_bundle).extra["decode_parity"]
-    assert decode["passed"] and decode["steps"] == DEFAULT_STEPS
-    assert all(r["passed"] for r in decode["records"])
-    records = [r for r in decode["records"] if r["variant"] == "base"]
+    decode = _manifest(lm_bundle).decode_parity
+    assert decode.passed and decode.steps == DEFAULT_STEPS
+    assert len(decode.runs) == 3
+    records = [r for r in decode.records if r.variant == "base"]
     assert len(records) == 3 * (DEFAULT_STEPS + 1)
-    by_point = {(r["point"]["run"], r["point"]["step"]): r["point"] for r in records}
+    by_point = {(r.point["run"], r.point["step"]): r.point for r in records}
     # Prefill at past 0 with one token, then the first decode step at past 1.
     assert by_point[0, 0] == {"run": 0, "step": 0, "batch": 2, "seq": 1, "past": 0}
     assert by_point[0, 1]["past"] == 1 and by_point[0, 1]["seq"] == 1
@@ -84,7 +95,7 @@ def test_manifest_holds_every_decode_step(lm_bundle):
     # The last run ends with a present of exactly the declared maximum (256 positions).
     last = by_point[2, DEFAULT_STEPS]
     assert last["past"] + last["seq"] == 256
-    names = {o["name"] for r in records for o in r["outputs"]}
+    names = {o.name for r in records for o in r.outputs}
     assert names == {"logits", "present_keys", "present_values"}
 
 
@@ -117,25 +128,28 @@ def test_decode_parity_fails_when_torch_and_the_graph_differ(lm_bundle):
     with pytest.raises(ParityError, match=r"at run=0, step=0, .*present_values: max_abs") as err:
         decode_stage(spec, {"base": model}, status)
     assert len(err.value.records) > 1  # every failing step, not only the first
-    assert "decode_parity" not in spec.extra  # a failing variant leaves no records behind
+    assert len(err.value.checked) == 27  # passing steps too, for the summary
     assert re.search(r"decode loop base \d+/27 steps passed", status.stage(4).detail)
 
 
-def test_decode_stage_keeps_the_records_of_each_variant(kv_export):
+def test_decode_stage_returns_the_records_of_each_call(kv_export):
     spec = spec_from_zoo(zoo.get("kv_cache"))
     status = ExportStatus("kv_cache")
-    decode_stage(spec, {"base": kv_export.model}, status)
-    decode_stage(spec, {"other": kv_export.model}, status)
-    decode_stage(spec, {"base": kv_export.model}, status)  # replaces, never duplicates
-    records = spec.extra["decode_parity"]["records"]
-    assert [r["variant"] for r in records].count("base") == 27 and len(records) == 54
-    json.dumps(spec.extra["decode_parity"], allow_nan=False)  # manifest-ready JSON
+    base = decode_stage(spec, {"base": kv_export.model}, status)
+    other = decode_stage(spec, {"other": kv_export.model}, status)
+    assert {r.variant for r in base} == {"base"} and len(base) == len(other) == 27
+    assert spec.extra == {}  # the spec carries nothing back
     assert decode_stage(spec_from_zoo(zoo.get("mha_self")), {}, status) == []  # no cache
+    parity = decode_parity(spec, base + other)
+    assert parity.runs == tuple(decode_runs(spec, spec.cache, DEFAULT_STEPS))
+    assert len(parity.records) == 54 and parity.passed
+    assert decode_parity(spec_from_zoo(zoo.get("mha_self")), []) is None
 
 
 def test_decode_parity_refuses_a_cache_naming_unknown_tensors(lm_bundle):
     spec = spec_from_zoo(zoo.get("decoder_lm"))
-    cache = {**spec.extra["cache"], "tensors": [{"past": "past_k", "present": "present_keys"}]}
+    tensors = (CacheTensor("past_k", "present_keys", "keys"),)
+    cache = dataclasses.replace(spec.cache, tensors=tensors)
     with pytest.raises(
         ExportError,
         match=r"stage 4/5 .*the cache description names "
@@ -146,9 +160,19 @@ def test_decode_parity_refuses_a_cache_naming_unknown_tensors(lm_bundle):
 
 def test_decode_runs_stay_inside_the_dims():
     spec = spec_from_zoo(zoo.get("decoder_lm"))
-    spec.dims = {"batch": (1, 1), "seq": (1, 4), "past": (0, 6)}
-    cache = {**spec.extra["cache"], "max_length": 6}
+    spec = dataclasses.replace(spec, dims={"batch": (1, 1), "seq": (1, 4), "past": (0, 6)})
+    cache = dataclasses.replace(spec.cache, max_length=6)
     assert decode_runs(spec, cache, 8) == [
         {"batch": 1, "seq": 1, "past": 0},
         {"batch": 1, "seq": 4, "past": 0},
     ]
+
+
+def test_a_module_cache_needs_a_past_dim():
+    from export import spec_from_module
+
+    past = torch.zeros(2, 1, 3, 4)
+    with pytest.raises(ExportError, match=r"a cache needs a dynamic 'past' dim .*\['batch'\]"):
+        spec_from_module(
+            torch.nn.Identity(), {"input": past}, dynamic={"input": {0: "batch"}}, cache=LM_CACHE
+        )

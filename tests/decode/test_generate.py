@@ -6,7 +6,6 @@ torch is used here only to compute the references; the generator itself never im
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import torch
 from export._cli import main
 from runtime import (
     ArtifactError,
-    CacheLayout,
     Generator,
     InputError,
     Manifest,
@@ -257,7 +255,7 @@ def test_an_onnxruntime_failure_names_the_bundle(lm_bundle):
 def test_a_present_that_does_not_grow_is_refused(tmp_path):
     """A graph whose present is its past (a cache that silently stops growing)."""
     from export import run_pipeline, spec_from_module
-    from models.zoo import lm_cache
+    from models.zoo import LM_CACHE
 
     class Stuck(torch.nn.Module):
         def __init__(self):
@@ -281,8 +279,8 @@ def test_a_present_that_does_not_grow_is_refused(tmp_path):
         dims={"batch": (1, 2)},
         name="stuck",
         output_names=("logits", "present_keys", "present_values"),
+        cache=LM_CACHE,
     )
-    spec.extra = {"cache": lm_cache(8)}
     bundle = run_pipeline(spec, out=tmp_path, grid=[{"batch": 2, "seq": 2, "past": 3}]).bundle
     with (
         Generator(bundle, provider="cpu") as gen,
@@ -298,41 +296,46 @@ def test_a_present_that_does_not_grow_is_refused(tmp_path):
 # --- the cache description, read strictly ---------------------------------------------------
 
 
-def _with_cache(manifest: Manifest, **changes) -> Manifest:
-    cache = {**manifest.extra["cache"], **changes}
-    return dataclasses.replace(manifest, extra={**manifest.extra, "cache": cache})
+def _raw(bundle) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _with_cache(raw: dict, **changes) -> dict:
+    return {**raw, "cache": {**raw["cache"], **changes}}
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"version": 2}, r"extra\.cache\.version: expected 1, got 2"),
-        ({"graphs": "two"}, r"extra\.cache\.graphs: .*got 'two'"),
-        ({"position_offset": 0}, r"extra\.cache\.position_offset: .*got 0"),
-        ({"past_dim": "time"}, r"extra\.cache\.past_dim: 'time' is not a dim of the bundle"),
-        ({"seq_dim": ["seq"]}, r"extra\.cache\.seq_dim: \['seq'\] is not a dim"),
-        ({"tensors": []}, r"extra\.cache\.tensors: expected a non-empty list"),
+        ({"version": 1}, r"cache: unknown key\(s\) 'version'"),
+        ({"graphs": "two"}, r"cache\.graphs: .*expected 'single', got 'two'"),
+        ({"position_offset": 0}, r"cache\.position_offset: .*got 0"),
+        ({"past_dim": "time"}, r"cache\.past_dim: 'time' is not a dim of the bundle"),
+        ({"seq_dim": ["seq"]}, r"cache\.seq_dim: expected a non-empty string, got \['seq'\]"),
+        ({"tensors": []}, r"cache\.tensors: expected at least one"),
         (
-            {"tensors": [{"past": "kv", "present": "present_keys"}]},
-            r"extra\.cache\.tensors\[0\]\.past: 'kv' is not an input of the bundle",
+            {"tensors": [{"past": "kv", "present": "present_keys", "holds": "keys"}]},
+            r"cache\.tensors\[0\]\.past: 'kv' is not an input of the bundle",
         ),
         (
-            {"tensors": [{"past": "past_keys", "present": ["x"]}]},
-            r"extra\.cache\.tensors\[0\]\.present: \['x'\] is not an output of the bundle",
+            {"tensors": [{"past": "past_keys", "present": ["x"], "holds": "keys"}]},
+            r"cache\.tensors\[0\]\.present: expected a non-empty string, got \['x'\]",
+        ),
+        (
+            {"tensors": [{"past": "past_keys", "present": "logits", "holds": "queries"}]},
+            r"cache\.tensors\[0\]\.holds: expected one of \('keys', 'values'\), got 'queries'",
         ),
         (
             {"past_axis": 2},
-            r"extra\.cache\.past_axis: axis 2 of input 'past_keys' \(shape "
+            r"cache\.tensors\[0\]\.past: axis 2 of input 'past_keys' \(shape "
             r"\[2, 'batch', 2, 'past', 8\]\) is not the 'past' dim",
         ),
-        ({"batch_axis": 9}, r"extra\.cache\.batch_axis: axis 9 .* is not the 'batch' dim"),
-        (
-            {"max_length": 257},
-            r"extra\.cache\.max_length: expected an integer in 1\.\.256 .*got "
-            r"257",
-        ),
-        ({"token_input": "ids"}, r"extra\.cache\.token_input: 'ids' is not an input"),
-        ({"logits_output": "scores"}, r"extra\.cache\.logits_output: 'scores' is not an output"),
+        ({"batch_axis": 9}, r"cache\.tensors\[0\]\.past: axis 9 .* is not the 'batch' dim"),
+        ({"batch_axis": True}, r"cache\.batch_axis: expected an integer >= 0, got True"),
+        ({"max_length": 257}, r"cache\.max_length: 257 exceeds 256, the 'past' dim's max"),
+        ({"max_length": 0}, r"cache\.max_length: expected an integer >= 1, got 0"),
+        ({"token_input": "ids"}, r"cache\.token_input: 'ids' is not an input"),
+        ({"logits_output": "scores"}, r"cache\.logits_output: 'scores' is not an output"),
     ],
     ids=[
         "version",
@@ -343,45 +346,101 @@ def _with_cache(manifest: Manifest, **changes) -> Manifest:
         "no-tensors",
         "past-name",
         "present-name",
+        "holds",
         "past-axis",
         "batch-axis",
+        "bool-axis",
         "max-length",
+        "zero-length",
         "token",
         "logits",
     ],
 )
-def test_a_malformed_cache_description_names_its_key(lm_bundle, changes, message):
-    manifest = Manifest.loads((lm_bundle / "manifest.json").read_text())
-    assert CacheLayout.from_manifest(manifest).is_lm
+def test_a_malformed_cache_names_its_key(lm_bundle, changes, message):
+    raw = _raw(lm_bundle)
+    assert Manifest.from_dict(raw).cache.is_lm
     with pytest.raises(ArtifactError, match=r"manifest\.json: " + message):
-        CacheLayout.from_manifest(_with_cache(manifest, **changes))
+        Manifest.from_dict(_with_cache(raw, **changes))
 
 
-def test_cache_description_missing_or_incomplete(lm_bundle):
-    manifest = Manifest.loads((lm_bundle / "manifest.json").read_text())
+def test_cache_missing_or_incomplete(lm_bundle, tmp_path):
+    raw = _raw(lm_bundle)
+    bare = tmp_path / "decoder_lm"
+    shutil.copytree(lm_bundle, bare)
+    (bare / "manifest.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "cache"}))
     with pytest.raises(ArtifactError, match=r"bundle 'decoder_lm' declares no KV cache"):
-        CacheLayout.from_manifest(dataclasses.replace(manifest, extra={}))
-    with pytest.raises(ArtifactError, match=r"extra\.cache\.: expected an object, got list"):
-        CacheLayout.from_manifest(dataclasses.replace(manifest, extra={"cache": []}))
-    cache = dict(manifest.extra["cache"])
+        Generator(bare, provider="cpu")
+    with pytest.raises(ArtifactError, match=r"manifest\.json: cache: expected an object, got list"):
+        Manifest.from_dict({**raw, "cache": []})
+    cache = dict(raw["cache"])
     del cache["max_length"]
-    with pytest.raises(ArtifactError, match=r"extra\.cache\.max_length: missing required key"):
-        CacheLayout.from_manifest(dataclasses.replace(manifest, extra={"cache": cache}))
+    with pytest.raises(ArtifactError, match=r"cache\.max_length: missing required key"):
+        Manifest.from_dict({**raw, "cache": cache})
 
 
 def test_a_cache_that_varies_in_another_dim_is_refused(lm_bundle):
-    manifest = Manifest.loads((lm_bundle / "manifest.json").read_text())
-    inputs = tuple(
-        dataclasses.replace(t, shape=(2, "batch", 2, "past", "seq")) if t.name == "past_keys" else t
-        for t in manifest.inputs
-    )
+    raw = _raw(lm_bundle)
+    inputs = [
+        {**t, "shape": [2, "batch", 2, "past", "seq"]} if t["name"] == "past_keys" else t
+        for t in raw["inputs"]
+    ]
     with pytest.raises(
         ArtifactError,
-        match=r"extra\.cache\.tensors\[0\]\.past: input "
+        match=r"cache\.tensors\[0\]\.past: input "
         r"'past_keys' .* has the dynamic dim 'seq' at axis 4; a cache may vary "
         r"only in batch and past",
     ):
-        CacheLayout.from_manifest(dataclasses.replace(manifest, inputs=inputs))
+        Manifest.from_dict({**raw, "inputs": inputs})
+
+
+def _as_version_2(raw: dict) -> dict:
+    """The manifest as format version 2 wrote it: cache and decode parity inside extra."""
+    old = {k: v for k, v in raw.items() if k not in ("cache", "decode_parity")}
+    decode = {**raw["decode_parity"], "passed": True}
+    extra = {**raw["extra"], "cache": {**raw["cache"], "version": 1}, "decode_parity": decode}
+    return {**old, "format_version": 2, "extra": extra}
+
+
+def test_a_version_2_manifest_keeps_its_cache_and_decode_parity(lm_bundle):
+    raw = _raw(lm_bundle)
+    new, old = Manifest.from_dict(raw), Manifest.from_dict(_as_version_2(raw))
+    assert old.format_version == 2
+    assert old.cache == new.cache and old.decode_parity == new.decode_parity
+    assert "cache" not in old.extra and "decode_parity" not in old.extra
+    legacy = _as_version_2(raw)
+    legacy["extra"]["cache"]["version"] = 2
+    with pytest.raises(ArtifactError, match=r"extra\.cache\.version: expected 1, got 2"):
+        Manifest.from_dict(legacy)
+    legacy = _as_version_2(raw)
+    legacy["extra"]["cache"]["past_dim"] = "time"
+    with pytest.raises(ArtifactError, match=r"extra\.cache\.past_dim: 'time' is not a dim"):
+        Manifest.from_dict(legacy)
+
+
+def test_a_version_2_bundle_generates_as_before(lm_bundle, tmp_path):
+    """Rewrite the bundle's manifest in format 2 (hashes still hold: the manifest is not a
+    listed file) and generate from it."""
+    old = tmp_path / "decoder_lm"
+    shutil.copytree(lm_bundle, old)
+    (old / "manifest.json").write_text(json.dumps(_as_version_2(_raw(lm_bundle))))
+    with Generator(lm_bundle, provider="cpu") as new_gen, Generator(old, provider="cpu") as gen:
+        assert gen.manifest.format_version == 2
+        assert gen.generate([5, 17, 2], 6) == new_gen.generate([5, 17, 2], 6)
+
+
+def test_decode_parity_is_read_strictly(lm_bundle):
+    raw = _raw(lm_bundle)
+    record = {**raw["decode_parity"]["records"][0], "variant": "int4"}
+    bad = {**raw, "decode_parity": {**raw["decode_parity"], "records": [record]}}
+    with pytest.raises(ArtifactError, match=r"decode_parity\.records\[0\]\.variant: 'int4' is not"):
+        Manifest.from_dict(bad)
+    point = {**raw["decode_parity"]["runs"][0], "time": 3}
+    bad = {**raw, "decode_parity": {**raw["decode_parity"], "runs": [point]}}
+    with pytest.raises(ArtifactError, match=r"decode_parity\.runs\[0\]\.time: dim 'time'"):
+        Manifest.from_dict(bad)
+    bad = {**raw, "decode_parity": {**raw["decode_parity"], "steps": 0}}
+    with pytest.raises(ArtifactError, match=r"decode_parity\.steps: expected an integer >= 1"):
+        Manifest.from_dict(bad)
 
 
 # --- the CLI ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export import run_pipeline, spec_from_module
-from export._kernels_onnx import attention as lowering
+from export.rewrites.kernels import attention as lowering
 from models import (
     ALiBiBias,
     MultiHeadAttention,

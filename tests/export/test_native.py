@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export import run_pipeline, spec_from_module
-from export._native_onnx import attention as lowering
+from export.rewrites.native import attention as lowering
 from models import MultiHeadAttention, RotaryEmbedding
 from models._kernels import attention
 from models._native import onnx_native

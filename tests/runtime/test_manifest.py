@@ -108,9 +108,9 @@ DICT_CASES = {
     "name_empty": (_set(("name",), ""), r"manifest.json: name: expected a non-empty string"),
     "format_wrong": (_set(("format",), "onnx"), r"format: expected 'attnx.bundle', got 'onnx'"),
     "version_newer": (
-        _set(("format_version",), 3),
-        r"manifest.json: format_version: bundle format_version 3 is newer than this attnx "
-        r"supports \(2\); upgrade attnx",
+        _set(("format_version",), 4),
+        r"manifest.json: format_version: bundle format_version 4 is newer than this attnx "
+        r"supports \(3\); upgrade attnx",
     ),
     "version_zero": (_set(("format_version",), 0), r"format_version: expected an integer >= 1"),
     "sha_upper": (

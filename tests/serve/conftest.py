@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.client import Client
+from runtime.serve.client import Client
 
 
 def pytest_collection_modifyitems(config, items):

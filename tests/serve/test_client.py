@@ -1,4 +1,5 @@
-"""runtime.client against a scripted stdlib HTTP server (no Ray): encoding, errors, retries."""
+"""runtime.serve.client against a scripted stdlib HTTP server (no Ray): encoding, errors,
+retries."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from runtime.client import Client, ServerError, decode_outputs
 from runtime.serve._protocol import encode_tensor
+from runtime.serve.client import Client, ServerError, decode_outputs
 
 
 class Script:

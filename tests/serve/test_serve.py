@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from runtime import Runner, load_bundle
-from runtime.client import Client, ServerError
+from runtime.serve.client import Client, ServerError
 from tests.serve.conftest import SERVED, ServerProcess, report_line
 
 pytestmark = pytest.mark.serve

@@ -347,7 +347,8 @@ def test_the_serving_modules_stay_light_to_import(tmp_path):
     import subprocess
 
     code = (
-        "import sys, runtime, runtime.serve, runtime.client, runtime._triton, runtime._cli\n"
+        "import sys, runtime, runtime.serve, runtime.serve.client, runtime.serve._triton\n"
+        "import runtime._cli\n"
         "runtime._cli.build_parser()\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'tritonclient', "
         "'starlette', 'torch', 'onnxscript', 'grpc'})\n"

@@ -17,8 +17,8 @@ from google.protobuf import text_format  # noqa: E402
 
 from export._cli import main  # noqa: E402
 from runtime import ArtifactError, InputError, load_bundle  # noqa: E402
-from runtime import _triton as triton  # noqa: E402
-from runtime._triton import (  # noqa: E402
+from runtime.serve import _triton as triton  # noqa: E402
+from runtime.serve._triton import (  # noqa: E402
     check_config,
     check_model_dir,
     plan_model,

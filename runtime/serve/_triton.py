@@ -38,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ._atomic import replace_dir
-from ._bundle import Bundle, load_bundle
-from ._errors import ArtifactError, AttnxError, InputError
-from ._manifest import PATH_PART_RE, Manifest, TensorSpec
-from ._runner import choose_variant
-from ._session import CPU, CUDA
-from .serve._protocol import OIP_DATATYPES, batch_dim
+from runtime._atomic import replace_dir
+from runtime._bundle import Bundle, load_bundle
+from runtime._errors import ArtifactError, AttnxError, InputError
+from runtime._manifest import PATH_PART_RE, Manifest, TensorSpec
+from runtime._runner import choose_variant
+from runtime._session import CPU, CUDA
+
+from ._protocol import OIP_DATATYPES, batch_dim
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -110,15 +111,18 @@ def model_config_pb2():
         locations = list(spec.submodule_search_locations or []) if spec else []
         path = Path(locations[0]) / "grpc" / "model_config_pb2.py" if locations else None
         if path is None or not path.is_file():
-            raise AttnxError("checking Triton configs needs tritonclient's model_config "
-                             "protobuf: pip install 'attnx[serve]' (or tritonclient)")
+            raise AttnxError(
+                "checking Triton configs needs tritonclient's model_config "
+                "protobuf: pip install 'attnx[serve]' (or tritonclient)"
+            )
         file_spec = importlib.util.spec_from_file_location(PB2_MODULE, path)
         module = importlib.util.module_from_spec(file_spec)
         try:
             file_spec.loader.exec_module(module)
         except Exception as e:  # a protobuf runtime too old for the generated code, mostly
-            raise AttnxError(f"cannot load {path.name} from tritonclient ({type(e).__name__}: "
-                             f"{e})") from None
+            raise AttnxError(
+                f"cannot load {path.name} from tritonclient ({type(e).__name__}: {e})"
+            ) from None
     _pb2 = module
     return module
 
@@ -138,16 +142,26 @@ def expected_dims(spec: TensorSpec, batched: bool) -> list[int]:
 # Planning
 
 
-def plan_model(bundle: Bundle, *, max_batch_size: int | None = None, kind: str = "cpu",
-               instances: int = 1, warmup: bool = False, seq_buckets: Sequence[int] = (),
-               seq_dim: str = DEFAULT_SEQ_DIM, batch_delay_us: int = DEFAULT_BATCH_DELAY_US,
-               variant: str | None = None) -> TritonModel:
+def plan_model(
+    bundle: Bundle,
+    *,
+    max_batch_size: int | None = None,
+    kind: str = "cpu",
+    instances: int = 1,
+    warmup: bool = False,
+    seq_buckets: Sequence[int] = (),
+    seq_dim: str = DEFAULT_SEQ_DIM,
+    batch_delay_us: int = DEFAULT_BATCH_DELAY_US,
+    variant: str | None = None,
+) -> TritonModel:
     m = bundle.manifest
     if kind not in KINDS:
         raise InputError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if instances < 1 or batch_delay_us < 0:
-        raise InputError(f"--instances must be >= 1 and --batch-delay-us >= 0, got "
-                         f"{instances} and {batch_delay_us}")
+        raise InputError(
+            f"--instances must be >= 1 and --batch-delay-us >= 0, got "
+            f"{instances} and {batch_delay_us}"
+        )
     chosen = choose_variant(m, KINDS[kind][1], variant)
     bdim, reason = batch_dim(m)
     notes = []
@@ -160,25 +174,43 @@ def plan_model(bundle: Bundle, *, max_batch_size: int | None = None, kind: str =
         raise InputError(f"--max-batch-size must be >= 0, got {max_batch_size}")
     elif max_batch_size > 0:
         if bdim is None:
-            raise InputError(f"{m.name}: --max-batch-size {max_batch_size} needs the batch dim "
-                             f"at axis 0 of every input and output, but {reason}; use "
-                             f"--max-batch-size 0")
+            raise InputError(
+                f"{m.name}: --max-batch-size {max_batch_size} needs the batch dim "
+                f"at axis 0 of every input and output, but {reason}; use "
+                f"--max-batch-size 0"
+            )
         if max_batch_size > m.dims[bdim].max:
-            raise InputError(f"{m.name}: --max-batch-size {max_batch_size} is above the "
-                             f"manifest's max for {bdim!r} ({m.dims[bdim].max})")
+            raise InputError(
+                f"{m.name}: --max-batch-size {max_batch_size} is above the "
+                f"manifest's max for {bdim!r} ({m.dims[bdim].max})"
+            )
     batched = max_batch_size > 0
-    varying = sorted({d for s in m.inputs for d in s.shape[1:] if isinstance(d, str)}
-                     if batched else ())
+    varying = sorted(
+        {d for s in m.inputs for d in s.shape[1:] if isinstance(d, str)} if batched else ()
+    )
     opsets = _opsets(bundle, chosen.name)
     if opsets.get("", 0) > m.opset:
-        notes.append(f"{m.name}: variant {chosen.name!r} needs ai.onnx opset {opsets['']} in "
-                     f"Triton's onnxruntime backend (--variant base for opset {m.opset})")
+        notes.append(
+            f"{m.name}: variant {chosen.name!r} needs ai.onnx opset {opsets['']} in "
+            f"Triton's onnxruntime backend (--variant base for opset {m.opset})"
+        )
     buckets = _check_buckets(m, seq_buckets, seq_dim)
     warmups = _golden_warmups(bundle, batched) if warmup else ()
     warmups += tuple(_bucket_warmup(bundle, batched, seq_dim, b) for b in buckets)
-    return TritonModel(m.name, chosen.name, opsets, max_batch_size, kind, instances,
-                       batch_delay_us, warmups, seq_dim if buckets else None, buckets,
-                       tuple(varying), tuple(notes))
+    return TritonModel(
+        m.name,
+        chosen.name,
+        opsets,
+        max_batch_size,
+        kind,
+        instances,
+        batch_delay_us,
+        warmups,
+        seq_dim if buckets else None,
+        buckets,
+        tuple(varying),
+        tuple(notes),
+    )
 
 
 def _opsets(bundle: Bundle, variant: str) -> dict[str, int]:
@@ -191,13 +223,17 @@ def _check_buckets(m: Manifest, buckets: Sequence[int], seq_dim: str) -> tuple[i
     if not buckets:
         return ()
     if seq_dim not in m.dims:
-        raise InputError(f"{m.name}: --seq-buckets needs the dim {seq_dim!r}, the bundle has "
-                         f"{', '.join(m.dims)} (choose one with --seq-dim)")
+        raise InputError(
+            f"{m.name}: --seq-buckets needs the dim {seq_dim!r}, the bundle has "
+            f"{', '.join(m.dims)} (choose one with --seq-dim)"
+        )
     r = m.dims[seq_dim]
     if list(buckets) != sorted(set(buckets)) or not r.min <= buckets[0] <= buckets[-1] <= r.max:
-        raise InputError(f"{m.name}: --seq-buckets must be increasing sizes within "
-                         f"{seq_dim!r}'s range {r.min}..{r.max}, got "
-                         f"{','.join(map(str, buckets))}")
+        raise InputError(
+            f"{m.name}: --seq-buckets must be increasing sizes within "
+            f"{seq_dim!r}'s range {r.min}..{r.max}, got "
+            f"{','.join(map(str, buckets))}"
+        )
     return tuple(buckets)
 
 
@@ -243,19 +279,31 @@ def config_text(m: Manifest, model: TritonModel) -> str:
         *_tensors("output", m.outputs, batched),
     ]
     if batched:
-        lines += ["dynamic_batching {",
-                  f"  max_queue_delay_microseconds: {model.batch_delay_us}", "}"]
-    lines += ["instance_group [", "  {", f"    count: {model.instances}",
-              f"    kind: {KINDS[model.kind][0]}", "  }", "]"]
+        lines += [
+            "dynamic_batching {",
+            f"  max_queue_delay_microseconds: {model.batch_delay_us}",
+            "}",
+        ]
+    lines += [
+        "instance_group [",
+        "  {",
+        f"    count: {model.instances}",
+        f"    kind: {KINDS[model.kind][0]}",
+        "  }",
+        "]",
+    ]
     if model.warmups:
         lines += ["model_warmup ["]
         for k, w in enumerate(model.warmups):
             lines += ["  {", f"    name: {_q(w.name)}", f"    batch_size: {w.batch_size}"]
             for x in w.inputs:
-                source = (f"input_data_file: {_q(x.file)}" if x.file is not None
-                          else "zero_data: true")
-                lines += [f"    inputs {{ key: {_q(x.name)} value: {{ data_type: "
-                          f"{triton_type(x.dtype)} dims: {_list(x.dims)} {source} }} }}"]
+                source = (
+                    f"input_data_file: {_q(x.file)}" if x.file is not None else "zero_data: true"
+                )
+                lines += [
+                    f"    inputs {{ key: {_q(x.name)} value: {{ data_type: "
+                    f"{triton_type(x.dtype)} dims: {_list(x.dims)} {source} }} }}"
+                ]
             lines += ["  }" + ("," if k < len(model.warmups) - 1 else "")]
         lines += ["]"]
     return "\n".join(lines) + "\n"
@@ -265,8 +313,9 @@ def _header(m: Manifest, model: TritonModel) -> list[str]:
     def shape(spec: TensorSpec) -> str:
         return f"{spec.name} [{', '.join(map(str, spec.shape))}]"
 
-    opsets = ", ".join(f"{domain or 'ai.onnx'} {version}"
-                       for domain, version in sorted(model.opsets.items()))
+    opsets = ", ".join(
+        f"{domain or 'ai.onnx'} {version}" for domain, version in sorted(model.opsets.items())
+    )
 
     text = [
         f"Triton model configuration generated by attnx {_version()} from bundle "
@@ -279,14 +328,18 @@ def _header(m: Manifest, model: TritonModel) -> list[str]:
         f"Triton does not check them (every such dim is -1 here): keep requests inside them.",
     ]
     if model.max_batch_size > 0:
-        text.append("Triton's dynamic batcher stacks requests along axis 0 only when all their "
-                    "other dims are equal.")
+        text.append(
+            "Triton's dynamic batcher stacks requests along axis 0 only when all their "
+            "other dims are equal."
+        )
     if model.seq_buckets:
-        text.append(f"Padding buckets for {model.seq_dim!r}: "
-                    f"{', '.join(map(str, model.seq_buckets))}. Pad {model.seq_dim!r} up to the "
-                    f"next bucket so that requests share shapes (where the block masks padded "
-                    f"keys, e.g. key_padding_mask True there, or is causal), and drop the "
-                    f"padded positions of the outputs. Each bucket has a zero-data warm-up.")
+        text.append(
+            f"Padding buckets for {model.seq_dim!r}: "
+            f"{', '.join(map(str, model.seq_buckets))}. Pad {model.seq_dim!r} up to the "
+            f"next bucket so that requests share shapes (where the block masks padded "
+            f"keys, e.g. key_padding_mask True there, or is causal), and drop the "
+            f"padded positions of the outputs. Each bucket has a zero-data warm-up."
+        )
     return [f"# {line}" for paragraph in text for line in _wrap(paragraph)]
 
 
@@ -305,10 +358,13 @@ def _tensors(kind: str, specs: Sequence[TensorSpec], batched: bool) -> list[str]
     lines = [f"{kind} ["]
     for k, spec in enumerate(specs):
         shape = spec.shape[1:] if batched else spec.shape
-        lines += ["  {", f"    name: {_q(spec.name)}", f"    data_type: {triton_type(spec.dtype)}",
-                  f"    dims: {_list(expected_dims(spec, batched))}"
-                  f"  # [{', '.join(map(str, shape))}]",
-                  "  }" + ("," if k < len(specs) - 1 else "")]
+        lines += [
+            "  {",
+            f"    name: {_q(spec.name)}",
+            f"    data_type: {triton_type(spec.dtype)}",
+            f"    dims: {_list(expected_dims(spec, batched))}  # [{', '.join(map(str, shape))}]",
+            "  }" + ("," if k < len(specs) - 1 else ""),
+        ]
     return lines + ["]"]
 
 
@@ -331,8 +387,7 @@ def _version() -> str:
 # Checking
 
 
-def check_model_dir(model_dir: str | os.PathLike, manifest: Manifest, *,
-                    name: str | None = None):
+def check_model_dir(model_dir: str | os.PathLike, manifest: Manifest, *, name: str | None = None):
     """Parse `model_dir`/config.pbtxt and check it against `manifest` (and the warm-up files
     against their dims). Returns the parsed ModelConfig; raises ArtifactError listing every
     problem. `name` is the model name Triton will see (default: the folder's name)."""
@@ -342,12 +397,17 @@ def check_model_dir(model_dir: str | os.PathLike, manifest: Manifest, *,
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-    return check_config(text, manifest, name=name or folder.name, model_dir=folder,
-                        where=str(path))
+    return check_config(text, manifest, name=name or folder.name, model_dir=folder, where=str(path))
 
 
-def check_config(text: str, manifest: Manifest, *, name: str,
-                 model_dir: Path | None = None, where: str = CONFIG_NAME):
+def check_config(
+    text: str,
+    manifest: Manifest,
+    *,
+    name: str,
+    model_dir: Path | None = None,
+    where: str = CONFIG_NAME,
+):
     from google.protobuf import text_format
 
     pb2 = model_config_pb2()
@@ -359,19 +419,22 @@ def check_config(text: str, manifest: Manifest, *, name: str,
     if config.name != name:
         problems.append(f"name is {config.name!r}, Triton needs the folder's name {name!r}")
     if config.platform != PLATFORM and config.backend != BACKEND:
-        problems.append(f"platform is {config.platform!r} and backend {config.backend!r}; "
-                        f"expected platform {PLATFORM!r} (or backend {BACKEND!r})")
+        problems.append(
+            f"platform is {config.platform!r} and backend {config.backend!r}; "
+            f"expected platform {PLATFORM!r} (or backend {BACKEND!r})"
+        )
     batched = _check_batching(config, manifest, problems)
     _check_tensors("input", config.input, manifest.inputs, batched, pb2, problems)
     _check_tensors("output", config.output, manifest.outputs, batched, pb2, problems)
     for i, group in enumerate(config.instance_group):
         kind = pb2.ModelInstanceGroup.Kind.Name(group.kind)
         if group.count < 1 or kind not in INSTANCE_KINDS:
-            problems.append(f"instance_group[{i}]: count {group.count} (must be >= 1), kind "
-                            f"{kind} (must be one of {', '.join(INSTANCE_KINDS)})")
+            problems.append(
+                f"instance_group[{i}]: count {group.count} (must be >= 1), kind "
+                f"{kind} (must be one of {', '.join(INSTANCE_KINDS)})"
+            )
     for warmup in config.model_warmup:
-        _check_warmup(warmup, manifest, config.max_batch_size, batched, pb2, model_dir,
-                      problems)
+        _check_warmup(warmup, manifest, config.max_batch_size, batched, pb2, model_dir, problems)
     if problems:
         raise ArtifactError(f"{where}: " + "; ".join(problems))
     return config
@@ -383,24 +446,30 @@ def _check_batching(config, m: Manifest, problems: list[str]) -> bool:
     if mbs < 0:
         problems.append(f"max_batch_size {mbs} is negative")
     elif mbs > 0 and bdim is None:
-        problems.append(f"max_batch_size {mbs} > 0 makes Triton stack requests along axis 0, "
-                        f"but {reason}; use max_batch_size 0")
+        problems.append(
+            f"max_batch_size {mbs} > 0 makes Triton stack requests along axis 0, "
+            f"but {reason}; use max_batch_size 0"
+        )
     elif mbs > 0 and mbs > m.dims[bdim].max:
-        problems.append(f"max_batch_size {mbs} is above the manifest's max for {bdim!r} "
-                        f"({m.dims[bdim].max})")
+        problems.append(
+            f"max_batch_size {mbs} is above the manifest's max for {bdim!r} ({m.dims[bdim].max})"
+        )
     batched = mbs > 0 and bdim is not None
     if config.HasField("dynamic_batching"):
         if not batched:
             problems.append("dynamic_batching needs max_batch_size > 0")
         for size in config.dynamic_batching.preferred_batch_size:
             if not 1 <= size <= max(mbs, 0):
-                problems.append(f"dynamic_batching: preferred_batch_size {size} is not within "
-                                f"1..max_batch_size ({mbs})")
+                problems.append(
+                    f"dynamic_batching: preferred_batch_size {size} is not within "
+                    f"1..max_batch_size ({mbs})"
+                )
     return batched
 
 
-def _check_tensors(kind: str, entries, specs: Sequence[TensorSpec], batched: bool, pb2,
-                   problems: list[str]) -> None:
+def _check_tensors(
+    kind: str, entries, specs: Sequence[TensorSpec], batched: bool, pb2, problems: list[str]
+) -> None:
     names = [e.name for e in entries]
     by_name = {s.name: s for s in specs}
     for name in sorted(set(names)):
@@ -408,8 +477,9 @@ def _check_tensors(kind: str, entries, specs: Sequence[TensorSpec], batched: boo
             problems.append(f"{kind} {name!r} is listed {names.count(name)} times")
     for name in names:
         if name not in by_name:
-            problems.append(f"{kind} {name!r} is not in the manifest ({kind}s: "
-                            f"{', '.join(by_name)})")
+            problems.append(
+                f"{kind} {name!r} is not in the manifest ({kind}s: {', '.join(by_name)})"
+            )
     for spec in specs:
         if spec.name not in names:
             problems.append(f"{kind} {spec.name!r} of the manifest is missing")
@@ -417,55 +487,74 @@ def _check_tensors(kind: str, entries, specs: Sequence[TensorSpec], batched: boo
         entry = next(e for e in entries if e.name == spec.name)
         got_type = pb2.DataType.Name(entry.data_type)
         if got_type != triton_type(spec.dtype):
-            problems.append(f"{kind} {spec.name!r}: data_type {got_type}, the manifest says "
-                            f"{spec.dtype} ({triton_type(spec.dtype)})")
+            problems.append(
+                f"{kind} {spec.name!r}: data_type {got_type}, the manifest says "
+                f"{spec.dtype} ({triton_type(spec.dtype)})"
+            )
         want = expected_dims(spec, batched)
         if list(entry.dims) != want:
-            problems.append(f"{kind} {spec.name!r}: dims {list(entry.dims)}, expected {want} "
-                            f"for shape [{', '.join(map(str, spec.shape))}]"
-                            + (" without the batch axis" if batched else ""))
+            problems.append(
+                f"{kind} {spec.name!r}: dims {list(entry.dims)}, expected {want} "
+                f"for shape [{', '.join(map(str, spec.shape))}]"
+                + (" without the batch axis" if batched else "")
+            )
 
 
-def _check_warmup(warmup, m: Manifest, mbs: int, batched: bool, pb2, model_dir: Path | None,
-                  problems: list[str]) -> None:
+def _check_warmup(
+    warmup, m: Manifest, mbs: int, batched: bool, pb2, model_dir: Path | None, problems: list[str]
+) -> None:
     label = f"model_warmup {warmup.name!r}"
     if not 1 <= warmup.batch_size <= max(mbs, 1):
-        problems.append(f"{label}: batch_size {warmup.batch_size} is not within "
-                        f"1..{max(mbs, 1)}")
+        problems.append(f"{label}: batch_size {warmup.batch_size} is not within 1..{max(mbs, 1)}")
     specs = {s.name: s for s in m.inputs}
     if sorted(warmup.inputs) != sorted(specs):
-        problems.append(f"{label}: inputs {sorted(warmup.inputs)}, the model's are "
-                        f"{sorted(specs)}")
+        problems.append(f"{label}: inputs {sorted(warmup.inputs)}, the model's are {sorted(specs)}")
     for name, x in warmup.inputs.items():
         spec = specs.get(name)
         if spec is None:
             continue
         if pb2.DataType.Name(x.data_type) != triton_type(spec.dtype):
-            problems.append(f"{label}: input {name!r}: data_type "
-                            f"{pb2.DataType.Name(x.data_type)}, expected "
-                            f"{triton_type(spec.dtype)}")
+            problems.append(
+                f"{label}: input {name!r}: data_type "
+                f"{pb2.DataType.Name(x.data_type)}, expected "
+                f"{triton_type(spec.dtype)}"
+            )
         shape = spec.shape[1:] if batched else spec.shape
         dims = list(x.dims)
         fits = len(dims) == len(shape) and all(
             d == s if isinstance(s, int) else m.dims[s].min <= d <= m.dims[s].max
-            for d, s in zip(dims, shape, strict=False))
+            for d, s in zip(dims, shape, strict=False)
+        )
         if not fits:
-            problems.append(f"{label}: input {name!r}: dims {dims} do not fit "
-                            f"[{', '.join(map(str, shape))}] within the manifest's ranges")
+            problems.append(
+                f"{label}: input {name!r}: dims {dims} do not fit "
+                f"[{', '.join(map(str, shape))}] within the manifest's ranges"
+            )
         source = x.WhichOneof("input_data_type")
         if source is None:
-            problems.append(f"{label}: input {name!r}: no data (zero_data, random_data or "
-                            f"input_data_file)")
+            problems.append(
+                f"{label}: input {name!r}: no data (zero_data, random_data or input_data_file)"
+            )
         elif source == "input_data_file":
-            _check_warmup_file(label, name, x.input_data_file, dims, spec.dtype, model_dir,
-                               problems)
+            _check_warmup_file(
+                label, name, x.input_data_file, dims, spec.dtype, model_dir, problems
+            )
 
 
-def _check_warmup_file(label: str, name: str, file: str, dims: list[int], dtype: str,
-                       model_dir: Path | None, problems: list[str]) -> None:
+def _check_warmup_file(
+    label: str,
+    name: str,
+    file: str,
+    dims: list[int],
+    dtype: str,
+    model_dir: Path | None,
+    problems: list[str],
+) -> None:
     if not PATH_PART_RE.fullmatch(file):
-        problems.append(f"{label}: input {name!r}: input_data_file {file!r} must be a plain "
-                        f"file name inside {WARMUP_DIR}/")
+        problems.append(
+            f"{label}: input {name!r}: input_data_file {file!r} must be a plain "
+            f"file name inside {WARMUP_DIR}/"
+        )
         return
     if model_dir is None:
         return
@@ -474,8 +563,10 @@ def _check_warmup_file(label: str, name: str, file: str, dims: list[int], dtype:
     size = path.stat().st_size if path.is_file() else None
     if size != want:
         got = "missing" if size is None else f"{size} bytes"
-        problems.append(f"{label}: input {name!r}: {WARMUP_DIR}/{file} is {got}, dims {dims} "
-                        f"of {dtype} need {want} bytes")
+        problems.append(
+            f"{label}: input {name!r}: {WARMUP_DIR}/{file} is {got}, dims {dims} "
+            f"of {dtype} need {want} bytes"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,16 +580,19 @@ class Written:
     model: TritonModel
 
 
-def write_repository(bundles: Sequence[str | os.PathLike], repo: str | os.PathLike,
-                     **options) -> list[Written]:
+def write_repository(
+    bundles: Sequence[str | os.PathLike], repo: str | os.PathLike, **options
+) -> list[Written]:
     """Write one checked model folder per bundle into `repo` (see plan_model for options).
     Every bundle is loaded and planned before anything is written."""
     loaded = [load_bundle(b) for b in bundles]
     names = [b.manifest.name for b in loaded]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise InputError(f"two bundles are both named {twice[0]!r}; a Triton repository holds "
-                         f"each model name once")
+        raise InputError(
+            f"two bundles are both named {twice[0]!r}; a Triton repository holds "
+            f"each model name once"
+        )
     plans = [plan_model(b, **options) for b in loaded]
     model_config_pb2()  # fail before writing when tritonclient is missing
     root = Path(repo)

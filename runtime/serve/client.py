@@ -2,7 +2,7 @@
 
 Talks to `attnx serve`, to Triton Inference Server, and to any other server of the protocol.
 
-    from runtime.client import Client
+    from runtime.serve.client import Client
     client = Client("http://127.0.0.1:8000")
     client.wait_ready(timeout_s=60)
     outputs = client.infer("mha_self", {"x": x, "key_padding_mask": mask})   # {"y": array}
@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ._errors import AttnxError
-from .serve._protocol import NUMPY_DTYPES, OIP_DATATYPES, encode_tensor
+from runtime._errors import AttnxError
+
+from ._protocol import NUMPY_DTYPES, OIP_DATATYPES, encode_tensor
 
 RETRYABLE_STATUS = (502, 503, 504)
 MESSAGE_CHARS = 500
@@ -77,9 +78,16 @@ class Client:
 
     # -- inference -----------------------------------------------------------------------------
 
-    def infer(self, name: str, inputs: Mapping[str, np.ndarray], *,
-              outputs: Sequence[str] | None = None, request_id: str | None = None,
-              retries: int = 0, retry_wait_s: float = 0.2) -> dict[str, np.ndarray]:
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+        retries: int = 0,
+        retry_wait_s: float = 0.2,
+    ) -> dict[str, np.ndarray]:
         """Run model `name` on numpy `inputs`; returns {output name: array}."""
         body = self.infer_body(inputs, outputs=outputs, request_id=request_id)
         path = f"/v2/models/{_quote(name)}/infer"
@@ -94,14 +102,20 @@ class Client:
         return decode_outputs(doc)
 
     @staticmethod
-    def infer_body(inputs: Mapping[str, np.ndarray], *, outputs: Sequence[str] | None = None,
-                   request_id: str | None = None) -> bytes:
+    def infer_body(
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> bytes:
         tensors = []
         for tensor_name, value in inputs.items():
             arr = np.asarray(value)
             if arr.dtype.name not in OIP_DATATYPES:
-                raise ServerError(f"input {tensor_name!r}: dtype {arr.dtype} has no Open "
-                                  f"Inference Protocol datatype")
+                raise ServerError(
+                    f"input {tensor_name!r}: dtype {arr.dtype} has no Open "
+                    f"Inference Protocol datatype"
+                )
             tensors.append(encode_tensor(tensor_name, arr))
         doc: dict = {"inputs": tensors}
         if outputs is not None:
@@ -125,8 +139,9 @@ class Client:
                 return e.code, e.read()
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise ServerError(f"{method} {self.url}{path}: no answer ({reason})",
-                              retryable=True) from None
+            raise ServerError(
+                f"{method} {self.url}{path}: no answer ({reason})", retryable=True
+            ) from None
 
     def _ok(self, path: str) -> bool:
         try:
@@ -138,13 +153,17 @@ class Client:
     def _json(self, method: str, path: str, body: bytes | None = None) -> dict:
         status, data = self.request(method, path, body)
         if status != 200:
-            raise ServerError(f"{method} {path}: HTTP {status}: {_message(data)}", status=status,
-                              retryable=status in RETRYABLE_STATUS)
+            raise ServerError(
+                f"{method} {path}: HTTP {status}: {_message(data)}",
+                status=status,
+                retryable=status in RETRYABLE_STATUS,
+            )
         try:
             return json.loads(data)
         except ValueError:
-            raise ServerError(f"{method} {path}: the answer is not JSON: "
-                              f"{data[:MESSAGE_CHARS]!r}", status=status) from None
+            raise ServerError(
+                f"{method} {path}: the answer is not JSON: {data[:MESSAGE_CHARS]!r}", status=status
+            ) from None
 
 
 def decode_outputs(doc: Mapping) -> dict[str, np.ndarray]:
@@ -153,8 +172,9 @@ def decode_outputs(doc: Mapping) -> dict[str, np.ndarray]:
     for tensor in doc.get("outputs", []):
         dtype = NUMPY_DTYPES.get(tensor.get("datatype"))
         if dtype is None:
-            raise ServerError(f"output {tensor.get('name')!r}: unsupported datatype "
-                              f"{tensor.get('datatype')!r}")
+            raise ServerError(
+                f"output {tensor.get('name')!r}: unsupported datatype {tensor.get('datatype')!r}"
+            )
         result[tensor["name"]] = np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
     return result
 

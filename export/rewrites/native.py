@@ -19,7 +19,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
-from ._kernels_onnx import packed, rows_with_a_key, static_heads
+from .kernels import packed, rows_with_a_key, static_heads
 
 WINDOW_OPSET = 25  # Attention's left_window_size and right_window_size attributes
 

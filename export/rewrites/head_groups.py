@@ -14,20 +14,26 @@ channel: weights that a Loop gathers are no constant MatMul operand the quantize
 and without the Loop int8 lost the Loop's gain at batch 8, seq 512 (0.59-0.70x eager instead of
 at most 0.5x).
 
-The rewrite matches the GroupQueryAttention node that export/_kernels_onnx.py emits for causal
+The rewrite matches the GroupQueryAttention node that export/rewrites/kernels.py emits for causal
 self-attention without padding or bias: no past, q, k and v each MatMul (+ bias Add) of one
 tensor x with constant weights, reshaped, and the present outputs unused. Anything else is left
-as it is, and so is a graph that the rewrite would leave with a dangling reference.
+as it is, and so is a graph that the rewrite would leave with a dangling reference;
+``group_heads_result`` says why for each node it left.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import logging
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from . import Rejected, RewriteResult, node_name
+
+logger = logging.getLogger(__name__)
 
 HEAD_GROUPS = 4  # two heads per kernel call at 8 heads: both threads of a 2-core CPU stay busy
 # From here the Loop is as fast or faster (fewer bytes in flight): measured at d 512, 8 heads,
@@ -53,19 +59,43 @@ def group_heads(
     """A copy of model with each matching causal self-attention split over head groups from
     ``min_seq`` tokens on; model itself when nothing matches. ``int8`` quantizes the q/k/v
     projections it takes over, on both paths."""
+    return group_heads_result(model, groups=groups, min_seq=min_seq, int8=int8).model
+
+
+def group_heads_result(
+    model: onnx.ModelProto,
+    *,
+    groups: int = HEAD_GROUPS,
+    min_seq: int = LOOP_MIN_SEQ,
+    int8: bool = False,
+) -> RewriteResult:
+    """group_heads, with the GroupQueryAttention nodes it rewrote and why it left the others."""
     out = copy.deepcopy(model)
     graph = out.graph
-    rewritten = 0
-    for node in [n for n in graph.node if (n.domain, n.op_type) == GQA]:
+    rewritten, rejected = [], []
+    candidates = [(i, n) for i, n in enumerate(graph.node) if (n.domain, n.op_type) == GQA]
+    for index, node in candidates:
+        name = node_name(node, index)
         match = _match(graph, node, groups)
-        if match is not None:
-            prefix = f"attnx_heads{rewritten}_"
-            _rewrite(graph, node, match, groups, min_seq, prefix, int8)
-            rewritten += 1
-    if not rewritten:
-        return model
-    _remove_dead_nodes(graph)
-    return out if _closed(graph) else model
+        if isinstance(match, str):
+            rejected.append(Rejected(name, match))
+            continue
+        prefix = f"attnx_heads{len(rewritten)}_"
+        _rewrite(graph, node, match, groups, min_seq, prefix, int8)
+        rewritten.append(name)
+    if rewritten:
+        _remove_dead_nodes(graph)
+        undefined = _undefined_reads(graph)
+        if undefined:
+            reason = (
+                f"the rewritten graph would read {', '.join(map(repr, undefined))} before "
+                f"anything defines it (another node reads what the rewrite moves into the If)"
+            )
+            rejected += [Rejected(name, reason) for name in rewritten]
+            rewritten, out = [], model
+    for r in rejected:
+        logger.debug("group_heads left %s as it is: %s", r.node, r.reason)
+    return RewriteResult(out if rewritten else model, tuple(rewritten), tuple(rejected))
 
 
 # --- matching -------------------------------------------------------------------------------
@@ -83,26 +113,44 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _match(graph, node, groups: int):
-    """{x, chains, weights, biases, heads, kv_heads, head_dim} for a node the rewrite serves."""
+def _match(graph, node, groups: int) -> dict | str:
+    """{x, chains, weights, biases, heads, kv_heads, head_dim} for a node the rewrite serves,
+    else the reason it does not serve it."""
     attrs = _attrs(node)
     heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
-    if heads % groups or kv_heads % groups or any(node.input[3:5]):
-        return None
+    if heads % groups:
+        return f"num_heads {heads} is not a multiple of {groups} groups"
+    if kv_heads % groups:
+        return f"kv_num_heads {kv_heads} is not a multiple of {groups} groups"
+    if any(node.input[3:5]):
+        return "the node has a past key/value input"
     outputs = {o.name for o in graph.output}
     users = _consumers(graph)
-    if any(users.get(name) or name in outputs for name in node.output[1:3]):
-        return None
+    used = [name for name in node.output[1:3] if users.get(name) or name in outputs]
+    if used:
+        return f"present key/value outputs are used ({', '.join(map(repr, used))})"
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
     projections = [_projection(node.input[i], producers, inits) for i in range(3)]
-    if any(p is None for p in projections) or len({p[0] for p in projections}) != 1:
-        return None
+    for which, p in zip("qkv", projections, strict=True):
+        if isinstance(p, str):
+            return f"{which} is not a MatMul projection with a constant weight: {p}"
+    sources = [p[0] for p in projections]
+    if len(set(sources)) != 1:
+        return (
+            f"q, k and v are not MatMul projections of one input: they project "
+            f"{', '.join(map(repr, sources))}"
+        )
     weights = [numpy_helper.to_array(inits[p[1]]) for p in projections]
     head_dim = weights[0].shape[1] // heads
     widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
     if any(w.ndim != 2 or w.shape[1] != width for w, width in zip(weights, widths, strict=True)):
-        return None
+        shapes = ", ".join(str(list(w.shape)) for w in weights)
+        return (
+            f"weight shapes {shapes} do not match heads*head_dim columns "
+            f"{', '.join(map(str, widths))} (num_heads {heads}, kv_num_heads {kv_heads}, "
+            f"head_dim {head_dim})"
+        )
     biases = [
         numpy_helper.to_array(inits[p[2]]) if p[2] else np.zeros(w.shape[1], w.dtype)
         for p, w in zip(projections, weights, strict=True)
@@ -118,8 +166,9 @@ def _match(graph, node, groups: int):
     }
 
 
-def _projection(name, producers, inits):
-    """(x, weight, bias or "", chain nodes) when name is Reshape*(MatMul(x, W) [+ b])."""
+def _projection(name, producers, inits) -> tuple | str:
+    """(x, weight, bias or "", chain nodes) when name is Reshape*(MatMul(x, W) [+ b]), else the
+    reason it is not."""
     chain = []
     node = producers.get(name)
     while node is not None and node.op_type == "Reshape" and not node.domain:
@@ -129,12 +178,17 @@ def _projection(name, producers, inits):
     if node is not None and node.op_type == "Add" and not node.domain:
         const = [i for i in node.input if i in inits]
         if len(const) != 1:
-            return None
+            return f"its bias Add {node.name!r} has {len(const)} constant inputs, not one"
         bias = const[0]
         chain.append(node)
         node = producers.get(next(i for i in node.input if i != bias))
-    if node is None or node.op_type != "MatMul" or node.domain or node.input[1] not in inits:
-        return None
+    if node is None:
+        return "it is a graph input or an initializer, not a MatMul output"
+    if node.op_type != "MatMul" or node.domain:
+        op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        return f"it comes from {op} {node.name!r}, not a MatMul"
+    if node.input[1] not in inits:
+        return f"the weight {node.input[1]!r} of MatMul {node.name!r} is not an initializer"
     chain.append(node)
     return node.input[0], node.input[1], bias, chain
 
@@ -362,17 +416,18 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _closed(graph: onnx.GraphProto) -> bool:
-    """Every name a node reads is produced earlier, an initializer or a graph input."""
+def _undefined_reads(graph: onnx.GraphProto) -> list[str]:
+    """The names the first node reading an undefined name reads before they are produced (not
+    earlier, an initializer or a graph input); [] when the graph is closed."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
         reads = set(node.input)
         for sub in _subgraphs(node):
             reads |= _used_names(sub) - _defined(sub)
         if not reads <= known:
-            return False
+            return sorted(reads - known)
         known.update(node.output)
-    return True
+    return []
 
 
 def _defined(graph: onnx.GraphProto) -> set[str]:

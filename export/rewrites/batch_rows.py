@@ -6,28 +6,50 @@ serves one row, or one token per row (decoding), and a batch of prompts without 
 when the kernel can tell the past is empty, which a graph for every past length cannot promise.
 So each cached kernel call becomes an If: one call when the batch has one row or the step one
 token, else a Loop over the rows, one kernel call each (it parallelizes over heads within one).
+A kernel call without a past key/value input is left as it is (``rows_result`` says so).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._head_groups import FLOAT, GQA
+from . import Rejected, RewriteResult, node_name
+from .head_groups import FLOAT, GQA
+
+logger = logging.getLogger(__name__)
+NO_PAST = "the node has no past key/value input: one kernel call serves any batch"
 
 
 def rows_for_cached_prompts(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of model whose cached GroupQueryAttention calls serve any batch; model itself
     when it has none."""
+    return rows_result(model).model
+
+
+def rows_result(model: onnx.ModelProto) -> RewriteResult:
+    """rows_for_cached_prompts, with the GroupQueryAttention nodes it wrapped and why it left
+    the others."""
     out = copy.deepcopy(model)
     graph = out.graph
-    calls = [n for n in graph.node if (n.domain, n.op_type) == GQA and any(n.input[3:5])]
-    for index, node in enumerate(calls):
+    calls, rejected = [], []
+    for index, node in enumerate(graph.node):
+        if (node.domain, node.op_type) != GQA:
+            continue
+        if any(node.input[3:5]):
+            calls.append((node_name(node, index), node))
+        else:
+            rejected.append(Rejected(node_name(node, index), NO_PAST))
+    for index, (_, node) in enumerate(calls):
         _wrap(graph, node, f"attnx_rows{index}_")
-    return out if calls else model
+    for r in rejected:
+        logger.debug("rows_for_cached_prompts left %s as it is: %s", r.node, r.reason)
+    rewritten = tuple(name for name, _ in calls)
+    return RewriteResult(out if calls else model, rewritten, tuple(rejected))
 
 
 def _wrap(graph: onnx.GraphProto, node: onnx.NodeProto, p: str) -> None:

@@ -258,8 +258,8 @@ def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, win
 def cached_attention(q, k, v, past_key, past_value):
     """Lowering of attnx::cached_attention: q [b, s, h, h_d], k/v [b, s, h_kv, h_d], past
     [b, h_kv, p, h_d] -> (out [b, s, h, h_d], present key, present value [b, h_kv, p + s, h_d]).
-    GroupQueryAttention keeps the cache in attnx's layout; export/_batch_rows.py then runs the
-    prompts it refuses (batch > 1, s > 1 and a past) row by row."""
+    GroupQueryAttention keeps the cache in attnx's layout; export/rewrites/batch_rows.py then
+    runs the prompts it refuses (batch > 1, s > 1 and a past) row by row."""
     heads, head_dim, kv_heads = static_heads(q, k, "cached_attention")
     k_shape = op.Shape(k)
     seqlens_k, total = _lengths(
