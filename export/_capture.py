@@ -96,16 +96,19 @@ def _dynamic_shapes(spec: ExportSpec) -> dict[str, dict[int, object]]:
 
 @contextlib.contextmanager
 def _quiet(log: io.StringIO):
-    """Keep the exporter's progress prints and registry warnings off the user's console."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Keep the exporters' progress prints and warnings off the user's console (torch.onnx's,
+    and transformers' exporter's version-drift notes)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _capture_error(err: Exception) -> ExportError:

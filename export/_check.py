@@ -18,6 +18,7 @@ from ._spec import ExportSpec, spec_from_factory, spec_from_zoo
 from ._variants import CPU
 
 ZOO_PREFIX = "models.zoo:"
+HF_PREFIX = "hf:"  # a save_pretrained folder (export/_hf.py)
 
 
 def check_bundle(path: Path) -> list[ParityRecord]:
@@ -57,4 +58,8 @@ def spec_from_manifest(manifest: Manifest) -> ExportSpec:
         entry = zoo.get(target.removeprefix(ZOO_PREFIX))
         return spec_from_zoo(entry, **dict(manifest.source.get("config") or {}))
 
+    if target.startswith(HF_PREFIX):
+        from ._hf import spec_from_folder
+
+        return spec_from_folder(target.removeprefix(HF_PREFIX), manifest.source.get("task"))
     return spec_from_factory(target)

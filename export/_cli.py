@@ -165,9 +165,18 @@ def _list_args(parser) -> None:
 
 def _export_args(parser) -> None:
     parser.add_argument(
-        "targets", nargs="*", metavar="NAME|pkg.module:factory", help="zoo entries or factories"
+        "targets",
+        nargs="*",
+        metavar="NAME|pkg.module:factory|DIR",
+        help="zoo entries, factories or save_pretrained folders of Hugging Face models",
     )
     parser.add_argument("--all", action="store_true", help="export every zoo entry")
+    parser.add_argument(
+        "--task",
+        choices=sorted(_TASK_CHOICES),
+        help="for a Hugging Face folder: feature-extraction (hidden states) or text-generation "
+        "(logits); default: from the config's architectures",
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help="bundle folder (default: artifacts)")
     parser.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: 18)")
     parser.add_argument(
@@ -224,8 +233,11 @@ def cmd_export(args) -> int:
     if args.all == bool(args.targets):
         raise UsageError("give zoo entry names or pkg.module:factory targets, or --all (not both)")
     targets = zoo.names() if args.all else args.targets
+    if args.task is not None and not all(_is_folder(t) for t in targets):
+        other = next(t for t in targets if not _is_folder(t))
+        raise UsageError(f"--task is for Hugging Face model folders; {other!r} is not one")
     for target in targets:
-        if ":" not in target:
+        if ":" not in target and not _is_folder(target):
             try:
                 zoo.get(target)  # fail fast on a typo, listing the known names
             except zoo.UnknownEntryError as err:
@@ -248,7 +260,7 @@ def _export_one(target: str, args, *, quiet: bool) -> dict:
     start = time.perf_counter()
     row = {"name": target, "records": [], "error": "", "state": "FAILED", "kind": "export"}
     try:
-        spec = _spec_for(target)
+        spec = _spec_for(target, args.task)
         row["name"] = spec.name
         result = run_pipeline(
             spec,
@@ -279,11 +291,28 @@ def _variant_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def _spec_for(target: str):
+# Optimum's task names are accepted too (export/_hf.py).
+_TASK_CHOICES = ("feature-extraction", "text-generation", "default", "causal-lm")
+
+
+def _is_folder(target: str) -> bool:
+    """A Hugging Face save_pretrained folder (a folder named like a zoo entry needs its
+    config.json to count)."""
+    from models import zoo
+
+    folder = Path(target)
+    return folder.is_dir() and ((folder / "config.json").is_file() or target not in zoo.names())
+
+
+def _spec_for(target: str, task: str | None = None):
     from models import zoo
 
     from ._spec import spec_from_factory, spec_from_zoo
 
+    if _is_folder(target):
+        from ._hf import spec_from_folder
+
+        return spec_from_folder(target, task)
     if ":" not in target:
         return spec_from_zoo(zoo.get(target))
     return spec_from_factory(target)

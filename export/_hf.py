@@ -132,10 +132,24 @@ def load_pretrained(folder: str | Path, task: str | None = None):
     task = resolve_task(task, config)
     loader = getattr(transformers, TASKS[task])
     try:
-        model = loader.from_pretrained(folder)
+        with _no_progress_bar():
+            model = loader.from_pretrained(folder)
     except (ValueError, OSError) as err:
         raise ExportError(f"cannot load {folder} for {task}: {err}", stage=1) from err
     return model, task
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def resolve_task(task: str | None, config) -> str:
@@ -349,7 +363,24 @@ def capture_pretrained(spec, opset: int, custom_translation_table, dynamic_shape
     table = dict(custom_translation_table or {})
     with _added(exporter_onnx._ONNX_TRANSLATION_TABLE, table), kernel_attention(model):
         program, _ = OnnxExporter().export_program(model, feed, config)
-    return ir.to_proto(program)
+    return named_dims(ir.to_proto(program), spec)
+
+
+def named_dims(model, spec):
+    """``model`` with its symbolic dims named as the spec names them (transformers' exporter
+    leaves torch's s0, s1, ...), in inputs, outputs and value infos alike."""
+    graph_inputs = {v.name: v for v in model.graph.input}
+    names = {}
+    for decl in spec.inputs:
+        dims = graph_inputs[decl.name].type.tensor_type.shape.dim
+        for axis, want in enumerate(decl.shape):
+            if isinstance(want, str) and dims[axis].dim_param:
+                names[dims[axis].dim_param] = want
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    return model
 
 
 @contextlib.contextmanager

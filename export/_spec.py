@@ -266,7 +266,8 @@ def spec_from_factory(target: str):
 
     The factory takes no arguments and returns an ExportSpec, or a tuple
     (module, example_inputs[, dynamic[, dims]]), or a dict with those keys (and optionally
-    name, output_names, tolerance).
+    name, output_names, tolerance, value_ranges, cache, input_maker). A Hugging Face
+    PreTrainedModel may come bare or without example inputs (export/_hf.py).
     """
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
@@ -282,16 +283,14 @@ def spec_from_factory(target: str):
     made = factory()
     if isinstance(made, ExportSpec):
         return made
+    from ._hf import is_pretrained, spec_from_pretrained
+
     if isinstance(made, nn.Module):
-        raise ExportError(
-            f"factory '{target}' returned a bare module without example inputs",
-            stage=1,
-            hint="return (module, example_inputs, dynamic) or a dict with those keys",
-        )
+        made = {"module": made}  # a Hugging Face model needs no example inputs
     if isinstance(made, tuple):
         keys = ("module", "example_inputs", "dynamic", "dims")
         made = dict(zip(keys, made, strict=False))
-    if not isinstance(made, dict) or "module" not in made or "example_inputs" not in made:
+    if not isinstance(made, dict) or "module" not in made:
         raise ExportError(
             f"factory '{target}' returned {type(made).__name__}; expected an ExportSpec, "
             "a (module, example_inputs[, dynamic[, dims]]) tuple or a dict",
@@ -301,4 +300,14 @@ def spec_from_factory(target: str):
     module = made.pop("module")
     cls = type(module)
     source = {"target": target, "class": f"{cls.__module__}.{cls.__qualname__}"}
+    if is_pretrained(module):
+        return spec_from_pretrained(
+            module, made.pop("example_inputs", None), name=name, source=source, **made
+        )
+    if "example_inputs" not in made:
+        raise ExportError(
+            f"factory '{target}' returned a module without example inputs",
+            stage=1,
+            hint="return (module, example_inputs, dynamic) or a dict with those keys",
+        )
     return spec_from_module(module, made.pop("example_inputs"), name=name, source=source, **made)

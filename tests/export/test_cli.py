@@ -85,7 +85,7 @@ def test_names_and_all_together_is_a_usage_error(capsys):
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("tests.export.factories:bare_module", "returned a bare module without example inputs"),
+        ("tests.export.factories:bare_module", "returned a module without example inputs"),
         ("tests.export.nowhere:factory", "cannot import 'tests.export.nowhere:factory'"),
         ("tests.export.factories:", "is not of the form pkg.module:factory"),
         ("tests.export.factories:D_MODEL", "'tests.export.factories:D_MODEL' is not callable"),
