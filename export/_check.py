@@ -12,9 +12,10 @@ from runtime._bundle import load_bundle
 
 from ._decode import measure_decode
 from ._errors import ExportError
+from ._factory import spec_from_factory
 from ._grid import default_grid
 from ._pipeline import measure_grid
-from ._spec import ExportSpec, spec_from_factory, spec_from_zoo
+from ._spec import ExportSpec, spec_from_zoo
 from ._variants import CPU
 
 ZOO_PREFIX = "models.zoo:"

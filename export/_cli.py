@@ -307,7 +307,8 @@ def _is_folder(target: str) -> bool:
 def _spec_for(target: str, task: str | None = None):
     from models import zoo
 
-    from ._spec import spec_from_factory, spec_from_zoo
+    from ._factory import spec_from_factory
+    from ._spec import spec_from_zoo
 
     if _is_folder(target):
         from ._hf import spec_from_folder

@@ -6,10 +6,7 @@ A zoo entry becomes an ExportSpec through ``spec_from_zoo``; any nn.Module throu
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -259,55 +256,3 @@ def _random_like(example: torch.Tensor, shape, gen, bounds=None) -> torch.Tensor
         return torch.randint(bounds[0], bounds[1] + 1, shape, generator=gen, dtype=example.dtype)
     high = int(example.max().item()) + 1 if example.numel() else 1
     return torch.randint(0, max(high, 1), shape, generator=gen, dtype=example.dtype)
-
-
-def spec_from_factory(target: str):
-    """Import ``pkg.module:factory`` and turn what it returns into an ExportSpec.
-
-    The factory takes no arguments and returns an ExportSpec, or a tuple
-    (module, example_inputs[, dynamic[, dims]]), or a dict with those keys (and optionally
-    name, output_names, tolerance, value_ranges, cache, input_maker). A Hugging Face
-    PreTrainedModel may come bare or without example inputs (export/_hf.py).
-    """
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ExportError(f"target '{target}' is not of the form pkg.module:factory", stage=1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does, so local modules import
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(f"cannot import '{target}': {err}", stage=1) from err
-    if not callable(factory):
-        raise ExportError(f"'{target}' is not callable", stage=1)
-    made = factory()
-    if isinstance(made, ExportSpec):
-        return made
-    from ._hf import is_pretrained, spec_from_pretrained
-
-    if isinstance(made, nn.Module):
-        made = {"module": made}  # a Hugging Face model needs no example inputs
-    if isinstance(made, tuple):
-        keys = ("module", "example_inputs", "dynamic", "dims")
-        made = dict(zip(keys, made, strict=False))
-    if not isinstance(made, dict) or "module" not in made:
-        raise ExportError(
-            f"factory '{target}' returned {type(made).__name__}; expected an ExportSpec, "
-            "a (module, example_inputs[, dynamic[, dims]]) tuple or a dict",
-            stage=1,
-        )
-    name = made.pop("name", None) or attr
-    module = made.pop("module")
-    cls = type(module)
-    source = {"target": target, "class": f"{cls.__module__}.{cls.__qualname__}"}
-    if is_pretrained(module):
-        return spec_from_pretrained(
-            module, made.pop("example_inputs", None), name=name, source=source, **made
-        )
-    if "example_inputs" not in made:
-        raise ExportError(
-            f"factory '{target}' returned a module without example inputs",
-            stage=1,
-            hint="return (module, example_inputs, dynamic) or a dict with those keys",
-        )
-    return spec_from_module(module, made.pop("example_inputs"), name=name, source=source, **made)
