@@ -3,23 +3,29 @@ bundles exported once per session with the default grid and every variant.
 
 BertModel (padding masks, token types), GPT2Model / GPT2LMHeadModel (learned positions),
 LlamaModel / LlamaForCausalLM (RoPE, grouped-query attention), T5EncoderModel (relative position
-buckets). Each export takes 10-25 s on 2 cores.
+buckets). Each export takes 10-25 s on 2 cores. Without the [hf] extra every test module here
+skips (each calls pytest.importorskip("transformers") first).
 """
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
-
-transformers = pytest.importorskip("transformers", reason="the [hf] extra is not installed")
-
-import torch  # noqa: E402
+import torch
 
 VOCAB = 99
+
+
+def _transformers():
+    return importlib.import_module("transformers")
+
+
 POSITIONS = 64
 
 
 def _bert():
-    config = transformers.BertConfig(
+    config = _transformers().BertConfig(
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -27,11 +33,11 @@ def _bert():
         intermediate_size=128,
         max_position_embeddings=POSITIONS,
     )
-    return transformers.BertModel(config)
+    return _transformers().BertModel(config)
 
 
 def _gpt2_config():
-    return transformers.GPT2Config(
+    return _transformers().GPT2Config(
         vocab_size=VOCAB,
         n_embd=64,
         n_layer=2,
@@ -43,7 +49,7 @@ def _gpt2_config():
 
 
 def _llama_config():
-    return transformers.LlamaConfig(
+    return _transformers().LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -55,18 +61,18 @@ def _llama_config():
 
 
 def _t5_encoder():
-    config = transformers.T5Config(
+    config = _transformers().T5Config(
         vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4
     )
-    return transformers.T5EncoderModel(config)
+    return _transformers().T5EncoderModel(config)
 
 
 BUILDERS = {
     "bert": _bert,
-    "gpt2": lambda: transformers.GPT2Model(_gpt2_config()),
-    "gpt2_lm": lambda: transformers.GPT2LMHeadModel(_gpt2_config()),
-    "llama": lambda: transformers.LlamaModel(_llama_config()),
-    "llama_lm": lambda: transformers.LlamaForCausalLM(_llama_config()),
+    "gpt2": lambda: _transformers().GPT2Model(_gpt2_config()),
+    "gpt2_lm": lambda: _transformers().GPT2LMHeadModel(_gpt2_config()),
+    "llama": lambda: _transformers().LlamaModel(_llama_config()),
+    "llama_lm": lambda: _transformers().LlamaForCausalLM(_llama_config()),
     "t5_encoder": _t5_encoder,
 }
 CAUSAL = {"gpt2", "gpt2_lm", "llama", "llama_lm"}

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'attnx[hf]'")
+
+import pytest
+
 from export import ExportError
 from export._cli import main
 from export._hf import load_pretrained, resolve_task

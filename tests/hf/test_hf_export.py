@@ -7,6 +7,10 @@ answers are compared with them, not with anything attnx computed.
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'attnx[hf]'")
+
 import json
 import os
 import subprocess
