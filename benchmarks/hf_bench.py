@@ -1,0 +1,488 @@
+"""Hugging Face models at benchmark size: torch eager, attnx's bundle, Optimum and transformers'
+own exporter, on the same inputs, in one process, with the same threads.
+
+    python benchmarks/hf_bench.py                      # bert, gpt2, llama; batch {1, 8} x
+                                                       # seq {128, 512, 2048} within positions
+    python benchmarks/hf_bench.py --families llama --seq 128,512 --batch 1
+    python benchmarks/hf_bench.py --optimum-venv DIR   # the venv Optimum runs in (made if absent)
+
+Each family is a random-weight model built from a config (4 layers, d 512, 8 heads; Llama with
+4 kv heads), saved with save_pretrained. The columns, all timed here with onnxruntime under the
+attnx Runner's session options (runtime/_session.py) and torch.set_num_threads to match:
+
+- eager: the transformers model itself (sdpa attention, use_cache=False);
+- attnx best / base: `attnx export FOLDER` (export/_hf.py), the fastest variant that passed the
+  bundle's parity (int8 excluded: lossy) and the base graph;
+- optimum, optimum O2: `optimum-cli export onnx --model FOLDER --task T` (and `--optimize O2`),
+  run in its own virtual environment because optimum-onnx needs transformers < 4.58; it is a
+  peer measured here, never a dependency of attnx;
+- transformers: transformers 5.24's experimental `OnnxExporter` with `ort_fusions="cpu"`.
+
+Inputs are attnx's for these models: ids in the vocabulary, padding masks with right- and
+left-padded rows (batch 1: no padding). Every cell is a median; ratios are column / eager.
+Every graph's output is compared with eager's on the positions a model defines (left-padded
+causal rows left out); the max abs error is in the JSON. Writes hf_bench.json, hf_bench.md and
+hf_bench.png under benchmarks/results/<cpu kind>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from bench import gemm_gflops, limit_address_space, median_ms  # noqa: E402
+
+from export._capture import _dynamic_shapes  # noqa: E402
+from export._hf import spec_from_folder  # noqa: E402
+from export._pipeline import run_pipeline  # noqa: E402
+from export._variants import CPU, LOSSY  # noqa: E402
+from runtime._cpu import cpu_features  # noqa: E402
+from runtime._session import session_options  # noqa: E402
+
+TARGET_RATIO = 0.8
+VOCAB = 8192
+# optimum-onnx 0.1.0 needs transformers < 4.58; accelerate lets it share GPT-2's tied weights.
+OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", "onnx", "accelerate"]
+COLUMNS = ("attnx best", "attnx base", "optimum", "optimum O2", "transformers")
+PEERS = ("optimum", "optimum O2", "transformers")
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        max_position_embeddings=512,
+    )
+    return transformers.BertModel(config), "feature-extraction"
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=512,
+        n_layer=4,
+        n_head=8,
+        n_positions=1024,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.GPT2LMHeadModel(config), "text-generation"
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        max_position_embeddings=2048,
+    )
+    return transformers.LlamaForCausalLM(config), "text-generation"
+
+
+FAMILIES = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
+
+
+# --- the graphs --------------------------------------------------------------------------------
+
+
+def save_family(family: str, work: Path) -> tuple[Path, str]:
+    torch.manual_seed(0)
+    model, task = FAMILIES[family]()
+    folder = work / "models" / family
+    model.eval().save_pretrained(folder)
+    return folder, task
+
+
+def attnx_graphs(folder: Path, task: str, work: Path):
+    """(spec, {name: ModelProto} of the CPU variants that passed, export seconds)."""
+    spec = spec_from_folder(folder, task)
+    grid = [dict(spec.example), {"batch": 1, "seq": 1}, {"batch": 3, "seq": 37}]
+    start = time.perf_counter()
+    result = run_pipeline(spec, out=work / "attnx", grid=grid)
+    seconds = time.perf_counter() - start
+    graphs = {n: b.model for n, b in result.variants.items() if CPU in b.providers}
+    return spec, graphs, seconds, dict(result.status.dropped)
+
+
+def transformers_graph(spec, opset: int = 18) -> onnx.ModelProto:
+    import onnx_ir as ir
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    config = OnnxConfig(
+        dynamic_shapes=_dynamic_shapes(spec), opset_version=opset, optimize=True, ort_fusions="cpu"
+    )
+    feed = {**spec.example_feed(), "use_cache": False, "return_dict": True}
+    program, _ = OnnxExporter().export_program(spec.module.model, feed, config)
+    return ir.to_proto(program)
+
+
+def optimum_venv(path: Path) -> Path:
+    """The Optimum environment's python; made (torch's CPU build first) when absent."""
+    python = path / "bin" / "python"
+    if python.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    subprocess.run([*pip, *OPTIMUM_PINS, f"onnxruntime=={ort.__version__}"], check=True)
+    return python
+
+
+def optimum_graphs(python: Path, folder: Path, task: str, work: Path) -> dict[str, Path]:
+    """optimum-cli export onnx of the folder, plain and with --optimize O2."""
+    cli = python.parent / "optimum-cli"
+    made = {}
+    for name, extra in (("optimum", []), ("optimum O2", ["--optimize", "O2"])):
+        out = work / name.replace(" ", "_") / folder.name
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [str(cli), "export", "onnx", "--model", str(folder), "--task", task, *extra, str(out)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"  {name}: export failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        made[name] = out / "model.onnx"
+    return made
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def make_session(model, threads: int):
+    options = session_options(ROOT, threads=threads)
+    data = model if isinstance(model, onnx.ModelProto) else None
+    if data is not None:
+        return ort.InferenceSession(data.SerializeToString(), options, providers=[CPU])
+    return ort.InferenceSession(str(model), options, providers=[CPU])
+
+
+def graph_feed(session, feed: dict) -> dict[str, np.ndarray]:
+    """The inputs this graph takes, from the point's feed (position_ids as generate makes them,
+    token_type_ids zeros where the feed has none)."""
+    mask = feed["attention_mask"].numpy()
+    extra = {
+        "position_ids": np.maximum(np.cumsum(mask, -1) - 1, 0),
+        "token_type_ids": np.zeros_like(mask),
+    }
+    out = {}
+    for value in session.get_inputs():
+        source = feed[value.name].numpy() if value.name in feed else extra[value.name]
+        out[value.name] = source.astype(np.int64)
+    return out
+
+
+def model_flops(spec, feed) -> int:
+    """FLOPs of one eager forward: FlopCounterMode for the matmuls, plus attention counted by
+    hand (FlopCounterMode sees no CPU SDPA kernel): q k^T and p v, 2 FLOPs per multiply-add,
+    over the s x s_kv scores a block must compute, about half of them under a causal mask."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    causal = spec.undefined is not None  # export/_hf.py sets it for causal models
+    extra = [0]
+
+    def counted(q, k, v, *args, **kwargs):
+        s, s_kv = q.shape[-2], k.shape[-2]
+        scores = s * (s + 1) // 2 if causal and s == s_kv else s * s_kv
+        extra[0] += 4 * q.shape[:-2].numel() * scores * q.shape[-1]
+        return sdpa(q, k, v, *args, **kwargs)
+
+    counter = FlopCounterMode(display=False)
+    torch.nn.functional.scaled_dot_product_attention = counted
+    try:
+        with counter, torch.no_grad():
+            spec.module(**feed)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return counter.get_total_flops() + extra[0]
+
+
+def max_abs(got: np.ndarray, want: np.ndarray, undefined) -> float:
+    keep = ~np.broadcast_to(undefined, want.shape) if undefined is not None else slice(None)
+    return float(np.abs(got.astype(np.float64) - want)[keep].max())
+
+
+def bench_point(spec, point, models, threads: int, budget_s: float) -> dict:
+    """Eager and every graph at one point. One session is alive at a time, so each arena holds
+    one peak; a graph that fails here (out of memory under the address-space cap) is noted."""
+    torch.set_num_threads(threads)
+    feed = spec.make_inputs(point)
+    model = spec.module.model
+    output = spec.output_names[0]
+
+    def eager():
+        with torch.no_grad():
+            return model(**feed, use_cache=False, return_dict=True)[output]
+
+    want = eager().numpy()
+    undefined = spec.undefined(feed, {output: want}).get(output) if spec.undefined else None
+    row = {"point": point, "eager_ms": median_ms(eager, budget_s), "ms": {}, "max_abs": {}}
+    row["gflop"], row["failed"] = model_flops(spec, feed) / 1e9, {}
+    for name, graph in models.items():
+        try:
+            row["max_abs"][name], row["ms"][name] = time_graph(
+                graph, feed, want, undefined, threads, budget_s
+            )
+        except (MemoryError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
+            row["failed"][name] = str(err).splitlines()[0][:200]
+    return row
+
+
+def time_graph(graph, feed, want, undefined, threads: int, budget_s: float):
+    """(max abs error against eager, median ms) of one graph; its session (and arena) ends
+    with the call."""
+    session = make_session(graph, threads)
+    inputs = graph_feed(session, feed)
+    first = session.get_outputs()[0].name
+    error = max_abs(session.run([first], inputs)[0], want, undefined)
+    return error, median_ms(lambda: session.run([first], inputs), budget_s)
+
+
+def summarize(row: dict, attnx_variants: list[str], gemm: float) -> dict:
+    eager = row["eager_ms"]
+    if not attnx_variants:
+        row.update(attnx_best_variant="none", columns={}, ratios={}, meets_target=False)
+        row.update(best_gflops=0.0, best_pct_gemm=0.0)
+        return row
+    best = min(attnx_variants, key=lambda n: row["ms"][n])
+    row["attnx_best_variant"] = best
+    row["best_gflops"] = row["gflop"] / (row["ms"][best] / 1e3)
+    row["best_pct_gemm"] = 100 * row["best_gflops"] / gemm
+    row["columns"] = {
+        "attnx best": row["ms"][best],
+        **({"attnx base": row["ms"]["attnx:base"]} if "attnx:base" in row["ms"] else {}),
+        **{p: row["ms"][p] for p in PEERS if p in row["ms"]},
+    }
+    row["ratios"] = {k: v / eager for k, v in row["columns"].items()}
+    peers = [row["columns"][p] for p in PEERS if p in row["columns"]]
+    row["meets_target"] = row["ratios"]["attnx best"] <= TARGET_RATIO and all(
+        row["columns"]["attnx best"] <= p for p in peers
+    )
+    return row
+
+
+def bench_family(family: str, args, work: Path, python: Path | None, gemm: float) -> list[dict]:
+    folder, task = save_family(family, work)
+    print(f"[{family}] exporting with attnx", flush=True)
+    spec, graphs, export_s, dropped = attnx_graphs(folder, task, work)
+    models = {f"attnx:{n}": g for n, g in graphs.items()}
+    print(f"[{family}] exporting with transformers' exporter", flush=True)
+    models["transformers"] = transformers_graph(spec)
+    if python is not None:
+        print(f"[{family}] exporting with optimum", flush=True)
+        models.update(optimum_graphs(python, folder, task, work))
+    limit = spec.dims["seq"][1]
+    rows = []
+    for batch in args.batch:
+        for seq in [s for s in args.seq if s <= limit]:
+            point = {"batch": batch, "seq": seq}
+            row = bench_point(spec, point, models, args.threads, args.budget)
+            strict = [n for n in row["ms"] if n.startswith("attnx:") and n[6:] not in LOSSY]
+            row = summarize(row, strict, gemm) | {"family": family, "task": task}
+            row["export_s"], row["dropped"] = round(export_s, 1), dropped
+            print(f"  {line(row)}", flush=True)
+            rows.append(row)
+    return rows
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def line(row: dict) -> str:
+    ratios = row["ratios"]
+    cells = ", ".join(f"{k} {v:.1f} ms ({ratios[k]:.2f}x)" for k, v in row["columns"].items())
+    p = row["point"]
+    return (
+        f"{row['family']} b{p['batch']} s{p['seq']}: eager {row['eager_ms']:.1f} ms; {cells}; "
+        f"best={row['attnx_best_variant']} {'meets' if row['meets_target'] else 'MISSES'}"
+    )
+
+
+def cpu_kind() -> str:
+    """A results folder name for this CPU: its family and the features that pick kernels."""
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for text in f:
+            if text.startswith("model name"):
+                model = text.split(":", 1)[1].lower()
+                break
+    family = next((w for w in ("xeon", "epyc", "ryzen", "core") if w in model), "x86")
+    features = set(cpu_features())
+    isa = ["avx512"] if "avx512f" in features else ["avx2"] if "avx2" in features else []
+    isa += ["vnni"] if {"avx512_vnni", "avx_vnni"} & features else []
+    isa += ["amx"] if "amx_int8" in features else []
+    return "-".join([family, *isa])
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Hugging Face models: torch eager, attnx, Optimum, transformers' exporter",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']} ({meta['cpu_kind']}; features {meta['features']}); "
+        f"{meta['threads']} threads on every side; torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, onnxruntime {meta['onnxruntime']}; Optimum: {meta['optimum']}.",
+        "",
+        "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192; "
+        "inputs with right- and left-padded rows at batch 8. Cells: median ms (ratio to "
+        "eager, below 1.00 is faster). *best*: attnx's fastest variant that passed its parity "
+        f"(int8 excluded). Target: best <= {TARGET_RATIO}x eager and <= every peer column.",
+        "",
+        f"GEMM ceiling (4096^3 fp32 matmul, same run): {meta['gemm_gflops']:.0f} GFLOP/s; "
+        "*GFLOP/s* is attnx best's rate on the FLOPs the model must do (causal attention: "
+        "half the scores).",
+        "",
+        "| family | batch | seq | eager ms | "
+        + " | ".join(COLUMNS)
+        + " | best | GFLOP/s (% GEMM) | target |",
+        "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r['columns'][c]:.1f} ({r['ratios'][c]:.2f}x)"
+            if c in r["columns"]
+            else _missing(r, c)
+            for c in COLUMNS
+        ]
+        p = r["point"]
+        lines.append(
+            f"| {r['family']} | {p['batch']} | {p['seq']} | {r['eager_ms']:.1f} | "
+            + " | ".join(cells)
+            + f" | {r['attnx_best_variant'].removeprefix('attnx:')} | "
+            + f"{r['best_gflops']:.0f} ({r['best_pct_gemm']:.0f}%) | "
+            + ("yes" if r["meets_target"] else "**MISS**")
+            + " |"
+        )
+    met = sum(r["meets_target"] for r in rows)
+    lines += ["", f"{met} of {len(rows)} points meet the target.", ""]
+    worst = {c: max(r["max_abs"].get(k, 0.0) for r in rows) for c, k in _error_keys(rows)}
+    lines.append(
+        "Largest max abs error against eager over all points: "
+        + ", ".join(f"{c} {v:.2g}" for c, v in worst.items())
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict, column: str) -> str:
+    return f"{row['columns'][column]:.1f} ({row['ratios'][column]:.2f}x)"
+
+
+def _missing(row: dict, column: str) -> str:
+    """A cell without a time: "failed" (out of memory under the cap; reason in the JSON)."""
+    keys = {"attnx best": "attnx:", "attnx base": "attnx:base"}
+    key = keys.get(column, column)
+    return "failed" if any(k.startswith(key) for k in row.get("failed", {})) else "-"
+
+
+def _error_keys(rows):
+    names = dict.fromkeys(k for r in rows for k in r["max_abs"])
+    return [(n.removeprefix("attnx:"), n) for n in names]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        mine = [r for r in rows if r["family"] == family]
+        labels = [f"b{r['point']['batch']} s{r['point']['seq']}" for r in mine]
+        x = np.arange(len(mine))
+        width = 0.8 / len(COLUMNS)
+        for i, col in enumerate(COLUMNS):
+            values = [r["ratios"].get(col, np.nan) for r in mine]
+            ax.bar(x + (i - len(COLUMNS) / 2) * width, values, width, label=col)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(TARGET_RATIO, color="k", lw=0.8, ls="--")
+        ax.set_xticks(x, labels, rotation=30)
+        ax.set_title(family)
+        ax.set_ylabel("time / torch eager")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def optimum_versions(python: Path | None) -> str:
+    if python is None:
+        return "not run"
+    code = (
+        "import importlib.metadata as m; print(', '.join(f'{d} {m.version(d)}' for d in "
+        "('optimum-onnx', 'optimum', 'transformers', 'torch', 'onnxruntime')))"
+    )
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--seq", default="128,512,2048")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per cell")
+    parser.add_argument("--optimum-venv", default=str(ROOT.parent / "optimum-venv"))
+    parser.add_argument("--no-optimum", action="store_true", help="leave the Optimum columns out")
+    parser.add_argument("--out", default=None, help="results folder (default: per CPU kind)")
+    parser.add_argument("--name", default="hf_bench")
+    args = parser.parse_args()
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.seq = [int(s) for s in args.seq.split(",")]
+    kind = cpu_kind()
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / kind
+    out.mkdir(parents=True, exist_ok=True)
+    python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
+    limit_address_space()
+    rows = []
+    gemm = gemm_gflops(args.threads)
+    meta = {
+        "command": "python benchmarks/hf_bench.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "cpu_kind": kind,
+        "features": " ".join(cpu_features()),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": ort.__version__,
+        "optimum": optimum_versions(python),
+        "gemm_gflops": gemm,
+    }
+    with tempfile.TemporaryDirectory(prefix="attnx-hf-bench-") as tmp:
+        for family in args.families.split(","):
+            rows += bench_family(family, args, Path(tmp), python, gemm)
+            # Written after each family: a long run that stops keeps what it measured.
+            (out / f"{args.name}.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1)
+            )
+            (out / f"{args.name}.md").write_text(markdown(rows, meta))
+    plot(rows, out / f"{args.name}.png")
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
