@@ -37,6 +37,8 @@ from torch import nn
 from runtime import Tolerance
 
 from ._errors import ExportError
+from ._ranges import check_declared
+from ._spec import ExportSpec, InputDecl
 
 # Tested with transformers 5.24 (pyproject's [hf] extra); its exporter API is experimental.
 TASKS = {
@@ -93,8 +95,6 @@ def spec_from_pretrained(
     ``seq``) or ``pixel_values``. ``example_inputs`` picks the inputs (default: the text inputs
     its forward takes, position_ids left to the model); grid inputs come from ``input_maker``
     (point -> feed) or else from ``text_inputs``."""
-    from ._spec import ExportSpec, InputDecl
-
     model = model.eval()
     config = model.config
     ranges = {**default_dims(config), **(dims or {})}
@@ -259,8 +259,6 @@ def _value_ranges(config, feed, declared):
     ranges: dict[str, tuple[int, int] | None] = {}
     if "attention_mask" in feed:
         ranges["attention_mask"] = (0, 1)
-    from ._ranges import check_declared
-
     ranges.update(declared or {})
     return check_declared(ranges, {n: t.dtype for n, t in feed.items()})
 
