@@ -19,7 +19,10 @@ attnx Runner's session options (runtime/_session.py) and torch.set_num_threads t
 - transformers: transformers 5.24's experimental `OnnxExporter` with `ort_fusions="cpu"`.
 
 Inputs are attnx's for these models: ids in the vocabulary, padding masks with right- and
-left-padded rows (batch 1: no padding). Every cell is a median; ratios are column / eager.
+left-padded rows (batch 1: no padding). Each graph is timed right after a block of eager
+calls (see paired_ms): a cell is the graph's median, its ratio that median over the median of
+the eager block just before it, so drift in the machine's speed from one graph to the next
+cancels.
 Every graph's output is compared with eager's on the positions a model defines (left-padded
 causal rows left out); the max abs error is in the JSON. Writes hf_bench.json, hf_bench.md and
 hf_bench.png under benchmarks/results/<cpu kind>/.
@@ -28,10 +31,12 @@ hf_bench.png under benchmarks/results/<cpu kind>/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,11 +185,12 @@ def make_session(model, threads: int):
 
 
 def graph_feed(session, feed: dict) -> dict[str, np.ndarray]:
-    """The inputs this graph takes, from the point's feed (position_ids as generate makes them,
-    token_type_ids zeros where the feed has none)."""
+    """The inputs this graph takes, from the point's feed; position_ids (which Optimum's decoder
+    graphs take) count every position, as transformers' forward does without them, so every
+    graph computes the function eager does; token_type_ids are zeros where the feed has none."""
     mask = feed["attention_mask"].numpy()
     extra = {
-        "position_ids": np.maximum(np.cumsum(mask, -1) - 1, 0),
+        "position_ids": np.broadcast_to(np.arange(mask.shape[1]), mask.shape),
         "token_type_ids": np.zeros_like(mask),
     }
     out = {}
@@ -226,8 +232,9 @@ def max_abs(got: np.ndarray, want: np.ndarray, undefined) -> float:
 
 
 def bench_point(spec, point, models, threads: int, budget_s: float) -> dict:
-    """Eager and every graph at one point. One session is alive at a time, so each arena holds
-    one peak; a graph that fails here (out of memory under the address-space cap) is noted."""
+    """Eager and every graph at one point, timed in pairs (see paired_ms). One session is alive
+    at a time, so each arena holds one peak; a graph that fails here (out of memory under the
+    address-space cap) is noted."""
     torch.set_num_threads(threads)
     feed = spec.make_inputs(point)
     model = spec.module.model
@@ -239,47 +246,54 @@ def bench_point(spec, point, models, threads: int, budget_s: float) -> dict:
 
     want = eager().numpy()
     undefined = spec.undefined(feed, {output: want}).get(output) if spec.undefined else None
-    row = {"point": point, "eager_ms": median_ms(eager, budget_s), "ms": {}, "max_abs": {}}
-    row["gflop"], row["failed"] = model_flops(spec, feed) / 1e9, {}
+    row = {"point": point, "ms": {}, "pair_ratio": {}, "max_abs": {}, "failed": {}}
+    row["gflop"], eager_samples = model_flops(spec, feed) / 1e9, []
     for name, graph in models.items():
         try:
-            row["max_abs"][name], row["ms"][name] = time_graph(
-                graph, feed, want, undefined, threads, budget_s
-            )
+            session = make_session(graph, threads)
+            inputs = graph_feed(session, feed)
+            first = session.get_outputs()[0].name
+            row["max_abs"][name] = max_abs(session.run([first], inputs)[0], want, undefined)
+            run = functools.partial(session.run, [first], inputs)
+            eager_ms, graph_ms = paired_ms(eager, run, budget_s)
         except (MemoryError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
             row["failed"][name] = str(err).splitlines()[0][:200]
+            continue
+        finally:
+            session = None  # the arena goes before the next graph's session
+        eager_samples += eager_ms
+        row["ms"][name] = statistics.median(graph_ms)
+        row["pair_ratio"][name] = row["ms"][name] / statistics.median(eager_ms)
+    row["eager_ms"] = statistics.median(eager_samples)
     return row
 
 
-def time_graph(graph, feed, want, undefined, threads: int, budget_s: float):
-    """(max abs error against eager, median ms) of one graph; its session (and arena) ends
-    with the call."""
-    session = make_session(graph, threads)
-    inputs = graph_feed(session, feed)
-    first = session.get_outputs()[0].name
-    error = max_abs(session.run([first], inputs)[0], want, undefined)
-    return error, median_ms(lambda: session.run([first], inputs), budget_s)
+def paired_ms(eager, graph, budget_s: float) -> tuple[list[float], list[float]]:
+    """(eager ms, graph ms): a block of eager calls, then a block of graph calls, each a median
+    after a warm-up call (bench.median_ms), half the budget each. Blocks, not alternate calls:
+    torch's and onnxruntime's thread pools each spin a while after a call, so alternating
+    calls would time each side against the other's spinning threads."""
+    return [median_ms(eager, budget_s / 2)], [median_ms(graph, budget_s / 2)]
 
 
 def summarize(row: dict, attnx_variants: list[str], gemm: float) -> dict:
-    eager = row["eager_ms"]
     if not attnx_variants:
         row.update(attnx_best_variant="none", columns={}, ratios={}, meets_target=False)
         row.update(best_gflops=0.0, best_pct_gemm=0.0)
         return row
-    best = min(attnx_variants, key=lambda n: row["ms"][n])
+    ratio = row["pair_ratio"]
+    best = min(attnx_variants, key=lambda n: ratio[n])
     row["attnx_best_variant"] = best
     row["best_gflops"] = row["gflop"] / (row["ms"][best] / 1e3)
     row["best_pct_gemm"] = 100 * row["best_gflops"] / gemm
-    row["columns"] = {
-        "attnx best": row["ms"][best],
-        **({"attnx base": row["ms"]["attnx:base"]} if "attnx:base" in row["ms"] else {}),
-        **{p: row["ms"][p] for p in PEERS if p in row["ms"]},
-    }
-    row["ratios"] = {k: v / eager for k, v in row["columns"].items()}
-    peers = [row["columns"][p] for p in PEERS if p in row["columns"]]
+    keys = {"attnx best": best, "attnx base": "attnx:base", **{p: p for p in PEERS}}
+    keys = {col: key for col, key in keys.items() if key in ratio}
+    row["columns"] = {col: row["ms"][key] for col, key in keys.items()}
+    # Each ratio is taken against the eager calls paired with that graph's own calls.
+    row["ratios"] = {col: ratio[key] for col, key in keys.items()}
+    peers = [row["ratios"][p] for p in PEERS if p in row["ratios"]]
     row["meets_target"] = row["ratios"]["attnx best"] <= TARGET_RATIO and all(
-        row["columns"]["attnx best"] <= p for p in peers
+        row["ratios"]["attnx best"] <= p for p in peers
     )
     return row
 
@@ -348,7 +362,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192; "
         "inputs with right- and left-padded rows at batch 8. Cells: median ms (ratio to "
-        "eager, below 1.00 is faster). *best*: attnx's fastest variant that passed its parity "
+        "the eager block timed just before each, below 1.00 is faster); *eager ms* is the "
+        "median over those blocks. *best*: attnx's fastest variant that passed its parity "
         f"(int8 excluded). Target: best <= {TARGET_RATIO}x eager and <= every peer column.",
         "",
         f"GEMM ceiling (4096^3 fp32 matmul, same run): {meta['gemm_gflops']:.0f} GFLOP/s; "
