@@ -55,7 +55,7 @@ import transformers  # noqa: E402
 from bench import gemm_gflops, limit_address_space, median_ms  # noqa: E402
 
 from export._capture import _dynamic_shapes  # noqa: E402
-from export._hf import spec_from_folder  # noqa: E402
+from export._hf import capture_pretrained, spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
@@ -133,15 +133,8 @@ def attnx_graphs(folder: Path, task: str, work: Path):
 
 
 def transformers_graph(spec, opset: int = 18) -> onnx.ModelProto:
-    import onnx_ir as ir
-    from transformers.exporters import OnnxConfig, OnnxExporter
-
-    config = OnnxConfig(
-        dynamic_shapes=_dynamic_shapes(spec), opset_version=opset, optimize=True, ort_fusions="cpu"
-    )
-    feed = {**spec.example_feed(), "use_cache": False, "return_dict": True}
-    program, _ = OnnxExporter().export_program(spec.module.model, feed, config)
-    return ir.to_proto(program)
+    """transformers' exporter with its own onnxruntime CPU fusions, on the spec's dims."""
+    return capture_pretrained(spec, opset, None, _dynamic_shapes(spec), ort_fusions="cpu")
 
 
 def optimum_venv(path: Path) -> Path:

@@ -349,14 +349,20 @@ def undefined_positions(feed: Mapping[str, torch.Tensor], outputs: Mapping[str, 
 # --- capture -------------------------------------------------------------------------------------
 
 
-def capture_pretrained(spec, opset: int, custom_translation_table, dynamic_shapes):
+def capture_pretrained(
+    spec, opset: int, custom_translation_table, dynamic_shapes, *, ort_fusions: str | None = None
+):
     """Capture through transformers' exporter (its patches, FX fixes, translations and IR fixes),
-    with attnx's translations added for the kernel op when routing."""
+    with attnx's translations added for the kernel op when routing. ``ort_fusions`` ("cpu",
+    ...) runs transformers' own onnxruntime fusions after it, as benchmarks/hf_bench.py does
+    for its peer column; attnx's variants never do."""
     import onnx_ir as ir
     from transformers.exporters import OnnxConfig, OnnxExporter, exporter_onnx
 
     model = spec.module.model
-    config = OnnxConfig(dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True)
+    config = OnnxConfig(
+        dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, ort_fusions=ort_fusions
+    )
     feed = {**spec.example_feed(), "use_cache": False, "return_dict": True}
     table = dict(custom_translation_table or {})
     with _added(exporter_onnx._ONNX_TRANSLATION_TABLE, table), kernel_attention(model):
