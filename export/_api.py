@@ -47,6 +47,7 @@ def export_module(
     value_ranges: Mapping[str, tuple[int, int] | None] | None = None,
     cache=None,
     input_maker=None,
+    task: str | None = None,
 ) -> ExportResult:
     """Export any module: ``export_module(m, {"x": x}, dynamic={"x": {0: "batch", 1: "seq"}},
     out="artifacts")``. Raises ExportError (naming the stage) or ParityError.
@@ -62,9 +63,11 @@ def export_module(
 
     A Hugging Face ``PreTrainedModel`` needs no ``dynamic``: its inputs have ``batch`` and
     ``seq`` dims with ranges from its config (``dims`` overrides them), example inputs are
-    optional, and its ModelOutput fields are the outputs (export/_hf.py).
+    optional, and its ModelOutput fields are the outputs (export/_hf.py). ``task=
+    "text-generation-with-past"`` exports a causal LM with its KV cache, for generation
+    (export/_hf_generation.py).
     """
-    from ._hf import is_pretrained, spec_from_pretrained
+    from ._hf import is_pretrained, spec_for_task
 
     if is_pretrained(module):
         if dynamic is not None or output_names is not None or cache is not None:
@@ -73,9 +76,10 @@ def export_module(
                 "pass dims= to change the ranges, not dynamic, output_names or cache",
                 stage=1,
             )
-        spec = spec_from_pretrained(
+        spec = spec_for_task(
             module,
-            example_inputs,
+            task,
+            example_inputs=example_inputs,
             dims=dims,
             name=name,
             tolerance=tolerance,
@@ -83,6 +87,9 @@ def export_module(
             value_ranges=value_ranges,
         )
     else:
+        if task is not None:
+            raise ExportError(f"task {task!r} is for Hugging Face models; {type(module).__name__} "
+                              "is not one", stage=1)
         if example_inputs is None:
             raise ExportError(
                 "example_inputs are needed for a module that is not a Hugging Face model", stage=1

@@ -174,8 +174,9 @@ def _export_args(parser) -> None:
     parser.add_argument(
         "--task",
         choices=sorted(_TASK_CHOICES),
-        help="for a Hugging Face folder: feature-extraction (hidden states) or text-generation "
-        "(logits); default: from the config's architectures",
+        help="for a Hugging Face folder: feature-extraction (hidden states), text-generation "
+        "(logits) or text-generation-with-past (logits and KV cache, for attnx generate); "
+        "default: from the config's architectures",
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help="bundle folder (default: artifacts)")
     parser.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: 18)")
@@ -292,7 +293,8 @@ def _variant_names(text: str | None) -> tuple[str, ...] | None:
 
 
 # Optimum's task names are accepted too (export/_hf.py).
-_TASK_CHOICES = ("feature-extraction", "text-generation", "default", "causal-lm")
+_TASK_CHOICES = ("feature-extraction", "text-generation", "text-generation-with-past",
+                 "default", "causal-lm", "causal-lm-with-past")
 
 
 def _is_folder(target: str) -> bool:

@@ -72,13 +72,13 @@ def measure_decode(
         session = make_session(model)
         for i, run in enumerate(decode_runs(spec, cache, steps)):
             for step, outputs in enumerate(_decode_loop(spec, cache, session, run, steps)):
-                actual, expected, point = outputs
+                actual, expected, point, undefined = outputs
                 records.append(
                     parity_record(
                         variant,
                         PROVIDER,
                         {"run": i, "step": step, **point},
-                        compare(actual, expected, table),
+                        compare(actual, expected, table, undefined),
                     )
                 )
     return records
@@ -126,8 +126,9 @@ def _check_names(spec: ExportSpec, cache: Cache) -> None:
 
 
 def _decode_loop(spec: ExportSpec, cache: Cache, session, run: Mapping[str, int], steps: int):
-    """Yield (ORT outputs, torch outputs, point) for the first step and `steps` decode steps,
-    each side feeding its own presents back as its next pasts."""
+    """Yield (ORT outputs, torch outputs, point, undefined positions) for the first step and
+    `steps` decode steps, each side feeding its own presents back as its next pasts; a mask
+    and position ids, where the graph takes them, continue from the step before."""
 
     names = [o.name for o in session.get_outputs()]
     pairs = [(t.past, t.present) for t in cache.tensors]
@@ -135,21 +136,40 @@ def _decode_loop(spec: ExportSpec, cache: Cache, session, run: Mapping[str, int]
     batch, seq, past = run["batch"], run["seq"], run["past"]
     torch_cache: dict[str, torch.Tensor] | None = None
     ort_cache: dict[str, np.ndarray] | None = None
+    before: dict[str, torch.Tensor] = {}
     next_ids = None
     for _ in range(steps + 1):
         point = {cache.batch_dim: batch, cache.seq_dim: seq, cache.past_dim: past}
         feed = spec.make_inputs(point)
         if next_ids is not None:
             feed[token] = next_ids
+        feed.update(_continued(cache, before, seq))
+        before = feed
         ort_feed = to_numpy(feed)
         if torch_cache is not None:
             feed.update(torch_cache)
             ort_feed.update(ort_cache)
         expected = eager_outputs(spec, feed, names)
         actual = dict(zip(names, session.run(None, ort_feed), strict=True))
-        yield actual, expected, point
+        undefined = {} if spec.undefined is None else dict(spec.undefined(feed, expected))
+        yield actual, expected, point, undefined
         torch_cache = {p: torch.from_numpy(expected[q]) for p, q in pairs}
         ort_cache = {p: actual[q] for p, q in pairs}
         if token is not None and logits is not None:
             next_ids = torch.from_numpy(expected[logits][:, -1:].argmax(-1))  # [b, 1]
         past, seq = past + seq, 1
+
+
+def _continued(cache: Cache, before: Mapping[str, torch.Tensor], seq: int):
+    """The step's mask and positions as generation continues them from the step ``before``
+    (its mask plus ``seq`` kept positions; positions on from its last); {} on the first step."""
+    out = {}
+    if not before:
+        return out
+    if cache.mask_input is not None:
+        mask = before[cache.mask_input]
+        out[cache.mask_input] = torch.cat((mask, mask.new_ones(mask.shape[0], seq)), dim=1)
+    if cache.position_input is not None:
+        last = before[cache.position_input][:, -1:]
+        out[cache.position_input] = last + torch.arange(1, seq + 1)
+    return out

@@ -44,9 +44,14 @@ from ._spec import ExportSpec, InputDecl
 TASKS = {
     "feature-extraction": "AutoModel",
     "text-generation": "AutoModelForCausalLM",
+    "text-generation-with-past": "AutoModelForCausalLM",  # with its KV cache: _hf_generation.py
 }
 # Optimum's names for the same tasks.
-TASK_SYNONYMS = {"default": "feature-extraction", "causal-lm": "text-generation"}
+TASK_SYNONYMS = {
+    "default": "feature-extraction",
+    "causal-lm": "text-generation",
+    "causal-lm-with-past": "text-generation-with-past",
+}
 MAX_BATCH = 8
 MAX_SEQ = 2048
 EXAMPLE = {"batch": 2, "seq": 16}
@@ -178,7 +183,23 @@ def spec_from_folder(folder: str | Path, task: str | None = None, **kwargs):
         "config": {"model_type": model.config.model_type},
     }
     kwargs.setdefault("name", folder.name)
-    return spec_from_pretrained(model, source=source, **kwargs)
+    return spec_for_task(model, task, source=source, **kwargs)
+
+
+def spec_for_task(model: nn.Module, task: str | None, **kwargs):
+    """ExportSpec of a PreTrainedModel for ``task``: text-generation-with-past exports it with
+    its KV cache (export/_hf_generation.py); any other task, or None, as it computes."""
+    from ._hf_generation import WITH_PAST, spec_for_generation
+
+    if task is not None and resolve_task(task, model.config) == WITH_PAST:
+        unused = sorted(k for k in ("example_inputs", "input_maker", "value_ranges")
+                        if kwargs.get(k) is not None)
+        if unused:
+            raise ExportError(f"{WITH_PAST} makes its own inputs (generation's padding, "
+                              f"positions and past); drop {', '.join(unused)}", stage=1)
+        kept = {k: v for k, v in kwargs.items() if k in ("dims", "name", "tolerance", "source")}
+        return spec_for_generation(model, **kept)
+    return spec_from_pretrained(model, **kwargs)
 
 
 def default_dims(config) -> dict[str, tuple[int, int]]:

@@ -102,7 +102,7 @@ def run_pipeline(
     status = ExportStatus(spec.name)
     start = time.perf_counter()
     say = progress or (lambda line: None)
-    grid = [dict(p) for p in (grid or default_grid(spec.dims, spec.example))]
+    grid = fitted_grid(spec, grid or default_grid(spec.dims, spec.example))
 
     model = _stage(status, 1, say, lambda: capture(spec, opset))
     _stage(status, 2, say, lambda: check_graph(model, spec))
@@ -125,6 +125,17 @@ def run_pipeline(
         )
     seconds = time.perf_counter() - start
     return ExportResult(spec.name, status, records, bundle, opset, seconds, model, builds, decode)
+
+
+def fitted_grid(spec: ExportSpec, grid) -> list[dict[str, int]]:
+    """The grid's points as the spec accepts them (spec.fit_point), in order, without
+    duplicates."""
+    points: list[dict[str, int]] = []
+    for point in grid:
+        point = dict(point) if spec.fit_point is None else spec.fit_point(point)
+        if point not in points:
+            points.append(point)
+    return points
 
 
 def _parity(spec, builds, grid, status: ExportStatus):

@@ -58,6 +58,9 @@ class ExportSpec:
     # (feed, torch outputs) -> {output name: bool mask} of the positions the module defines no
     # answer for (a causal query whose keys are all padding); parity leaves them out.
     undefined: Callable | None = None
+    # point -> the nearest point the module accepts (e.g. past + seq within a model's positions);
+    # the grid's points go through it. None: every point within the dims' ranges is accepted.
+    fit_point: Callable[[Mapping[str, int]], dict[str, int]] | None = None
     # Declared (min, max) values of integer inputs, both inclusive; None: no range. Inputs not
     # named here take the range of the embedding table they index (export/_ranges.py).
     value_ranges: Mapping[str, tuple[int, int] | None] = field(default_factory=dict)

@@ -88,15 +88,16 @@ TIMING_RUNS = 15
 TIMING_SIZE = 32  # every dynamic dim at this size (clipped to its range)
 
 
-def timing_point(dims: Mapping[str, tuple[int, int]]) -> dict[str, int]:
-    return {d: min(hi, max(lo, TIMING_SIZE)) for d, (lo, hi) in dims.items()}
+def timing_point(spec: ExportSpec) -> dict[str, int]:
+    point = {d: min(hi, max(lo, TIMING_SIZE)) for d, (lo, hi) in spec.dims.items()}
+    return point if spec.fit_point is None else spec.fit_point(point)
 
 
 def time_variants(spec: ExportSpec, builds: Mapping[str, VariantBuild]) -> None:
     """Median CPU latency of every CPU variant on the same inputs, for the runner's ranking."""
     import time
 
-    feed = to_numpy(spec.make_inputs(timing_point(spec.dims)))
+    feed = to_numpy(spec.make_inputs(timing_point(spec)))
     for build in builds.values():
         if CPU not in build.providers:
             continue
@@ -236,10 +237,12 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int) -> onnx.ModelPro
 
     with ort_kernels() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
-    model = base
     if route.calls:  # only modules with a kernel-served core are captured again
         with ort_kernels():
             model = capture(spec, opset, custom_translation_table=translation_table())
+    else:  # the fusions below would otherwise rewrite the base graph's own nodes
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
     graph = ir.from_proto(model)
     optimize_for_ort(graph)
     model = ir.to_proto(graph)

@@ -159,7 +159,7 @@ def _manifest(spec, variants, records, golden, folder, files, opset, status) -> 
         extra=_jsonable(
             {
                 **spec.extra,
-                "variants": _variant_notes(variants, spec.dims),
+                "variants": _variant_notes(variants, spec),
                 "dropped_variants": dict(status.dropped),
             }
         ),
@@ -168,7 +168,7 @@ def _manifest(spec, variants, records, golden, folder, files, opset, status) -> 
     )
 
 
-def _variant_notes(variants: Mapping[str, VariantBuild], spec_dims) -> dict:
+def _variant_notes(variants: Mapping[str, VariantBuild], spec) -> dict:
     """What the runtime and `attnx inspect` need beyond the Variant schema: lossy variants are
     never chosen automatically; census and source say what each variant changed."""
     return {
@@ -177,7 +177,7 @@ def _variant_notes(variants: Mapping[str, VariantBuild], spec_dims) -> dict:
             "derived_from": build.derived_from,
             "census": build.census,
             "median_ms": build.median_ms,
-            "timing_point": timing_point(spec_dims),
+            "timing_point": timing_point(spec),
         }
         for name, build in variants.items()
     }

@@ -177,7 +177,11 @@ class Cache:
     batch dim at ``batch_axis`` and static sizes elsewhere, so an empty cache can be made from
     the manifest alone. ``max_length``: the most positions a cache may hold.
     ``token_input``/``logits_output``: a language model's token ids and logits (None for a block
-    that takes hidden states).
+    that takes hidden states). ``mask_input``: where the graph takes an attention mask, int64
+    [batch, past + seq] with 1 at kept tokens and 0 at padding (a batch of prompts of different
+    lengths is left-padded); ``position_input``: where it takes position ids, int64 [batch, seq],
+    each new token's position counting the kept tokens before it (as transformers' generate
+    makes them). None where the graph takes neither: positions are then past .. past + seq - 1.
     """
 
     tensors: tuple[CacheTensor, ...]
@@ -190,6 +194,8 @@ class Cache:
     batch_dim: str = "batch"
     token_input: str | None = None
     logits_output: str | None = None
+    mask_input: str | None = None
+    position_input: str | None = None
 
     @property
     def pasts(self) -> tuple[str, ...]:
@@ -591,6 +597,7 @@ def _golden(value: Any, files: set[str], dims, inputs: list[str], outputs: list[
 
 _CACHE_KEYS = ("tensors", "layout", "past_axis", "batch_axis", "max_length", "past_dim",
                "seq_dim", "batch_dim", "token_input", "logits_output")
+_CACHE_OPTIONAL = ("mask_input", "position_input")
 # What every cache of this format is: written out so that a reader of the JSON sees it, and
 # checked so that a cache of another kind is refused rather than fed wrongly.
 CACHE_FIXED = {"graphs": "single", "keys": "post-rope", "position_offset": "past"}
@@ -601,7 +608,8 @@ def _cache(value: Any, where: str, inputs: Mapping[str, TensorSpec],
            outputs: Mapping[str, TensorSpec], dims: Mapping[str, DimRange],
            legacy: bool) -> Cache:
     # Version 2 kept the cache in extra with a version of its own (1).
-    d = _keys(value, where, _CACHE_KEYS + tuple(CACHE_FIXED) + (("version",) if legacy else ()))
+    d = _keys(value, where, _CACHE_KEYS + tuple(CACHE_FIXED) + (("version",) if legacy else ()),
+              _CACHE_OPTIONAL)
     if legacy and d["version"] != 1:
         raise _fail(f"{where}.version", f"expected 1, got {_show(d['version'])}")
     for key, want in CACHE_FIXED.items():
@@ -629,6 +637,10 @@ def _cache(value: Any, where: str, inputs: Mapping[str, TensorSpec],
                                  optional=True),
         logits_output=_tensor_name(d["logits_output"], f"{where}.logits_output", outputs,
                                    "an output", optional=True),
+        mask_input=_tensor_name(d.get("mask_input"), f"{where}.mask_input", inputs, "an input",
+                                optional=True),
+        position_input=_tensor_name(d.get("position_input"), f"{where}.position_input", inputs,
+                                    "an input", optional=True),
         **names,
     )
     past_max = dims[cache.past_dim].max
@@ -637,7 +649,23 @@ def _cache(value: Any, where: str, inputs: Mapping[str, TensorSpec],
                     f"{cache.past_dim!r} dim's max")
     for i, t in enumerate(cache.tensors):
         _check_past_shape(inputs[t.past], f"{where}.tensors[{i}].past", cache)
+    if cache.mask_input is not None:
+        _check_step_input(inputs[cache.mask_input], f"{where}.mask_input", cache, None)
+    if cache.position_input is not None:
+        _check_step_input(inputs[cache.position_input], f"{where}.position_input", cache,
+                          cache.seq_dim)
     return cache
+
+
+def _check_step_input(spec: TensorSpec, where: str, cache: Cache, length: str | None) -> None:
+    """A mask or position input: int64 [batch, length], length a dynamic dim (``length``
+    where given; the mask's counts past + seq positions, a dim of its own)."""
+    shape = list(spec.shape)
+    fits = (len(shape) == 2 and shape[0] == cache.batch_dim and isinstance(shape[1], str)
+            and (length is None or shape[1] == length))
+    if spec.dtype != "int64" or not fits:
+        want = f"[{cache.batch_dim!r}, {length!r}]" if length else f"[{cache.batch_dim!r}, a dim]"
+        raise _fail(where, f"input {spec.name!r} ({spec.dtype} {shape}) must be int64 {want}")
 
 
 def _cache_tensor(value: Any, where: str, inputs, outputs) -> CacheTensor:
@@ -819,6 +847,7 @@ def _cache_dict(c: Cache) -> dict[str, Any]:
         "max_length": c.max_length, "past_dim": c.past_dim, "seq_dim": c.seq_dim,
         "batch_dim": c.batch_dim, "token_input": c.token_input,
         "logits_output": c.logits_output, **CACHE_FIXED,
+        **{k: getattr(c, k) for k in _CACHE_OPTIONAL if getattr(c, k) is not None},
     }
 
 

@@ -180,11 +180,11 @@ def test_cache_reaching_the_declared_maximum(lm_bundle, lm_module):
         (lambda g: g.generate([1, 97], 2), r"token id 97 is outside the vocabulary 0\.\.96"),
         (lambda g: g.step([-1]), r"token id -1 is outside the vocabulary 0\.\.96"),
         (
-            lambda g: g.step([[1, 2]]),
-            r"token ids must be a flat sequence of integers, got int64 "
-            r"with shape \[1, 2\]",
+            lambda g: g.step([[[1, 2]]]),
+            r"token ids must be a flat sequence of integers \(or a batch of them\), got int64 "
+            r"with shape \[1, 1, 2\]",
         ),
-        (lambda g: g.step([0.5]), r"token ids must be a flat sequence of integers, got float64"),
+        (lambda g: g.step([0.5]), r"token ids must be a flat sequence of integers .*got float64"),
         (lambda g: g.step([]), r"no token ids to feed: give at least one"),
     ],
     ids=[
@@ -193,7 +193,7 @@ def test_cache_reaching_the_declared_maximum(lm_bundle, lm_module):
         "bool-new",
         "vocab-high",
         "vocab-low",
-        "2d",
+        "3d",
         "float",
         "empty-step",
     ],
