@@ -14,7 +14,7 @@ from ._decode import measure_decode
 from ._errors import ExportError
 from ._factory import spec_from_factory
 from ._grid import default_grid
-from ._pipeline import measure_grid
+from ._pipeline import fitted_grid, measure_grid
 from ._spec import ExportSpec, spec_from_zoo
 from ._variants import CPU
 
@@ -28,7 +28,9 @@ def check_bundle(path: Path) -> list[ParityRecord]:
     manifest = bundle.manifest
     spec = spec_from_manifest(manifest)
     example = dict(manifest.golden.cases[0].point)
-    grid = default_grid({n: (r.min, r.max) for n, r in manifest.dims.items()}, example)
+    grid = fitted_grid(
+        spec, default_grid({n: (r.min, r.max) for n, r in manifest.dims.items()}, example)
+    )
     records = []
     for variant in manifest.variants:
         if CPU not in variant.providers:

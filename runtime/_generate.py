@@ -287,6 +287,8 @@ class Generator:
     def _left_padded(self, prompts, pad: int) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(prompts, (str, bytes)) or not len(prompts):
             raise InputError("give at least one prompt (a list of token id lists)")
+        if any(not np.asarray(p).size for p in prompts):
+            raise InputError("the prompt is empty: give at least one token id")
         arrays = [self._token_array(p)[0] for p in prompts]
         longest = max(len(a) for a in arrays)
         if not self.takes_padding and any(len(a) != longest for a in arrays):
@@ -365,9 +367,15 @@ def generate_args(parser) -> None:
     from ._session import PROVIDER_CHOICES
 
     parser.add_argument("bundle", metavar="BUNDLE")
-    parser.add_argument("--prompt-ids", type=_token_ids, required=True, metavar="1,2,3",
-                        help="the prompt's token ids, comma-separated")
+    parser.add_argument("--prompt-ids", type=_token_ids, required=True, action="append",
+                        metavar="1,2,3", help="a prompt's token ids, comma-separated; repeat it "
+                        "for a batch of prompts (left-padded; the bundle needs a mask input)")
     parser.add_argument("--max-new-tokens", type=int, required=True, metavar="N")
+    parser.add_argument("--eos-id", type=int, default=None, metavar="ID",
+                        help="end-of-sequence token id: a prompt stops once it is generated")
+    parser.add_argument("--pad-id", type=int, default=None, metavar="ID",
+                        help="token id that pads a batch's shorter prompts (default: --eos-id, "
+                        "else 0)")
     parser.add_argument("--variant", help="variant name (default: best that passed parity)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (default: usable CPUs)")
@@ -380,34 +388,32 @@ def cmd_generate(args) -> int:
     """Greedy generation with a language-model bundle and its KV cache (no torch needed).
 
     Prefills the prompt (past length 0), then runs one decode step per new token, feeding each
-    step's present keys/values back as the next past. Prints the new token ids.
+    step's present keys/values back as the next past. Prints the new token ids, one line per
+    prompt. Several --prompt-ids make a batch, left-padded as transformers' generate pads it.
 
     Example: attnx generate artifacts/decoder_lm --prompt-ids 1,2,3 --max-new-tokens 16
     """
     import json
     import time
 
+    prompts = args.prompt_ids
     with Generator(args.bundle, provider=args.provider, variant=args.variant,
                    threads=args.threads) as gen:
-        steps = gen.steps(args.prompt_ids, args.max_new_tokens)
         start = time.perf_counter()
-        tokens, first = [], None
-        for step in steps:
-            tokens.append(step.token)
-            first = time.perf_counter() if first is None else first
-        end = time.perf_counter()
-        decode_s = end - first if first is not None else 0.0
+        rows = gen.generate_batch(prompts, args.max_new_tokens, args.eos_id, args.pad_id)
+        seconds = time.perf_counter() - start
         result = {"name": gen.manifest.name, "variant": gen.runner.variant.name,
-                  "provider": gen.runner.provider, "prompt_length": len(args.prompt_ids),
-                  "tokens": tokens, "cache_length": gen.length,
-                  "prefill_ms": ((first or end) - start) * 1e3, "decode_ms": decode_s * 1e3,
-                  "decode_tokens_per_s": (len(tokens) - 1) / decode_s if decode_s else None}
+                  "provider": gen.runner.provider, "prompt_lengths": [len(p) for p in prompts],
+                  "tokens": rows if len(rows) > 1 else rows[0], "cache_length": gen.length,
+                  "ms": seconds * 1e3,
+                  "tokens_per_s": sum(map(len, rows)) / seconds if seconds else None}
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
-    rate = result["decode_tokens_per_s"]
-    print(f"{result['name']}: variant {result['variant']} on {result['provider']}; prompt "
-          f"{result['prompt_length']} tokens, prefill {result['prefill_ms']:.1f} ms, "
-          f"{len(tokens)} new tokens" + (f", decode {rate:.0f} tokens/s" if rate else ""))
-    print(",".join(map(str, tokens)))
+    counts = "prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
+    print(f"{result['name']}: variant {result['variant']} on {result['provider']}; {counts} of "
+          f"{', '.join(map(str, result['prompt_lengths']))} tokens, {sum(map(len, rows))} new "
+          f"tokens in {result['ms']:.1f} ms")
+    for row in rows:
+        print(",".join(map(str, row)))
     return 0

@@ -336,6 +336,16 @@ def _with_cache(raw: dict, **changes) -> dict:
         ({"max_length": 0}, r"cache\.max_length: expected an integer >= 1, got 0"),
         ({"token_input": "ids"}, r"cache\.token_input: 'ids' is not an input"),
         ({"logits_output": "scores"}, r"cache\.logits_output: 'scores' is not an output"),
+        ({"mask_input": "mask"}, r"cache\.mask_input: 'mask' is not an input"),
+        (
+            {"mask_input": "past_keys"},
+            r"cache\.mask_input: input 'past_keys' \(float32 \[2, 'batch', 2, 'past', 8\]\) "
+            r"must be int64 \['batch', a dim\]",
+        ),
+        (
+            {"position_input": "past_values"},
+            r"cache\.position_input: input 'past_values' .* must be int64 \['batch', 'seq'\]",
+        ),
     ],
     ids=[
         "version",
@@ -354,6 +364,9 @@ def _with_cache(raw: dict, **changes) -> dict:
         "zero-length",
         "token",
         "logits",
+        "mask-name",
+        "mask-shape",
+        "positions-shape",
     ],
 )
 def test_a_malformed_cache_names_its_key(lm_bundle, changes, message):
@@ -461,7 +474,7 @@ def test_generate_cli(lm_bundle, lm_module, capsys):
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == ",".join(map(str, expected))
-    assert re.match(r"decoder_lm: variant \w+ on CPUExecutionProvider; prompt 3 tokens", lines[0])
+    assert re.match(r"decoder_lm: variant \w+ on CPUExecutionProvider; prompt of 3 tokens", lines[0])
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == expected and result["cache_length"] == 18
