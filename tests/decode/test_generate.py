@@ -474,7 +474,8 @@ def test_generate_cli(lm_bundle, lm_module, capsys):
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == ",".join(map(str, expected))
-    assert re.match(r"decoder_lm: variant \w+ on CPUExecutionProvider; prompt of 3 tokens", lines[0])
+    header = r"decoder_lm: variant \w+ on CPUExecutionProvider; prompt of 3 tokens"
+    assert re.match(header, lines[0])
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == expected and result["cache_length"] == 18
