@@ -35,6 +35,9 @@ from ._spec import ExportSpec, InputDecl
 WITH_PAST = "text-generation-with-past"
 MASK, POSITIONS, TOKENS, LOGITS = "attention_mask", "position_ids", "input_ids", "logits"
 TOTAL = "total"  # the mask's length: past + seq
+# The most positions a cache holds by default: a default grid point at the maximum keeps a
+# cache of this length per layer (dims={"past": ...} raises it).
+MAX_POSITIONS = 4096
 EXAMPLE = {"batch": 2, "seq": 5, "past": 7}
 LAYOUT = "[batch, kv_heads, past, head_dim] per layer"
 
@@ -76,7 +79,7 @@ def spec_for_generation(model: nn.Module, *, dims=None, name=None, tolerance=Non
 
     model = model.eval()
     config = model.config
-    ranges = _ranges({**default_dims(config), **(dims or {})})
+    ranges = _ranges(config, {**default_dims(config), **(dims or {})})
     geometry = _geometry(model)
     layers, kv_heads, head_dim = geometry
     takes_positions = "position_ids" in _forward_params(model)
@@ -109,11 +112,17 @@ def spec_for_generation(model: nn.Module, *, dims=None, name=None, tolerance=Non
     )
 
 
-def _ranges(base: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-    """batch and seq as for the model; past 0..positions; total 1..positions."""
-    positions = base["seq"][1]
-    return {"batch": base["batch"], "seq": base["seq"], "past": base.get("past", (0, positions)),
-            TOTAL: (1, positions)}
+def _ranges(config, base: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """batch and seq as without a cache; past 0..positions and total 1..positions, where
+    positions are the model's (capped at MAX_POSITIONS) unless ``base`` declares them."""
+    from ._hf import _first
+
+    positions = min(int(_first(config, "max_position_embeddings", "n_positions",
+                               default=MAX_POSITIONS)), MAX_POSITIONS)
+    past = base.get("past", (0, positions))
+    total = base.get(TOTAL, (1, past[1] if "past" in base else positions))
+    seq = (base["seq"][0], min(base["seq"][1], total[1]))
+    return {"batch": base["batch"], "seq": seq, "past": past, TOTAL: total}
 
 
 def _fit(point: Mapping[str, int], ranges) -> dict[str, int]:
