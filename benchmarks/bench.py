@@ -9,7 +9,8 @@ Everything is measured in one process with the same inputs and the same thread c
 eager (torch.set_num_threads) and every CPU variant (onnxruntime intra-op threads). Each timing
 is a median; ratios are variant / eager (below 1 is faster). FLOPs come from torch's
 FlopCounterMode on the eager forward; the GEMM ceiling is a 4096^3 matmul measured in the same
-run. Writes benchmarks/results/bench.json, bench.md and bench_latency_vs_seq.png.
+run. Writes bench.json, bench.md and bench_latency_vs_seq.png under
+benchmarks/results/<cpu kind>/ (bench.cpu_kind: family and kernel ISA, e.g. epyc-avx512-vnni).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_kind, results_dir  # noqa: E402
 
 from export import run_pipeline, spec_from_zoo  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from models import zoo  # noqa: E402
+from runtime._cpu import cpu_features  # noqa: E402
 from runtime._parity import measure  # noqa: E402
 from runtime._session import session_options  # noqa: E402
 
@@ -71,17 +74,33 @@ def gemm_gflops(threads: int) -> float:
     return 2 * GEMM_N**3 / (ms / 1e3) / 1e9
 
 
+def attention_flops(q, k, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs) -> float:
+    """FLOPs of one scaled_dot_product_attention call that the block must do: q k^T and p v (2
+    matmuls, 2 FLOPs per multiply-add) over the query-key pairs its mask allows. A causal call
+    allows about half of the s x s_kv square (row i sees min(i + 1, s_kv) keys, torch's
+    top-left alignment); a boolean mask, or a float mask's -inf, rules out what it masks
+    (a sliding window, key padding); a finite score bias (ALiBi, T5) rules out nothing."""
+    s, s_kv = q.shape[-2], k.shape[-2]
+    if is_causal:
+        pairs = float(sum(min(i + 1, s_kv) for i in range(s)))
+    elif attn_mask is not None:
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        pairs = float(allowed.float().mean()) * s * s_kv  # a broadcast mask's mean is its own
+    else:
+        pairs = float(s * s_kv)
+    return 4 * q.shape[:-2].numel() * pairs * q.shape[-1]
+
+
 def eager_flops(module, feed, forward_kwargs) -> int:
     """FLOPs of one eager forward: FlopCounterMode for matmuls, plus scaled_dot_product_attention
-    counted by hand (FlopCounterMode counts no CPU SDPA kernel). Attention counts the full
-    s x s_kv square (2 matmuls, 2 FLOPs per multiply-add) even when causal, as is usual."""
+    counted by attention_flops (FlopCounterMode counts no CPU SDPA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    extra = [0]
+    extra = [0.0]
 
     def counted(q, k, v, *args, **kwargs):
-        extra[0] += 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+        extra[0] += attention_flops(q, k, *args, **kwargs)
         return sdpa(q, k, v, *args, **kwargs)
 
     counter = FlopCounterMode(display=False)
@@ -91,7 +110,7 @@ def eager_flops(module, feed, forward_kwargs) -> int:
             module(**feed, **forward_kwargs)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-    return counter.get_total_flops() + extra[0]
+    return int(counter.get_total_flops() + extra[0])
 
 
 def session(model, threads: int):
@@ -393,8 +412,9 @@ def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
         "# attnx benchmark: torch eager vs ONNX Runtime variants",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, "
-        f"{meta['threads']} threads for both.  ",
+        f"Machine: {meta['machine']} ({meta.get('cpu_kind', 'cpu kind not recorded')}; features "
+        f"{meta.get('features') or 'not recorded'}); torch {meta['torch']}, onnxruntime "
+        f"{meta['onnxruntime']}, {meta['threads']} threads for both.  ",
         f"GEMM ceiling ({GEMM_N}^3 fp32 matmul, same run): {meta['gemm_gflops']:.0f} GFLOP/s.  ",
         f"Model size: d_model {BENCH_SIZE.d}, {BENCH_SIZE.heads} heads (mqa_alibi: "
         f"{BENCH_SIZE.heads * 3 // 2} heads, d {BENCH_SIZE.head_dim * (BENCH_SIZE.heads * 3 // 2)})"
@@ -512,7 +532,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per cell")
     parser.add_argument("--memory", action="store_true", help="peak memory of causal_self")
     parser.add_argument("--memory-seq", default="4096,8192")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: benchmarks/results/<cpu kind>)")
     parser.add_argument("--name", default="bench", help="result file stem")
     parser.add_argument(
         "--update",
@@ -542,7 +563,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown entries {unknown}; known: {', '.join(registry)}")
     if args.bundles:
         return write_bundles([registry[n] for n in names], Path(args.bundles))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     limit_address_space()
     earlier = _earlier(out / f"{args.name}.json", names) if args.update else {}
@@ -590,6 +611,8 @@ def write(out: Path, args, argv, rows, memory, gemm_before: float, gemm_after: f
     meta = {
         "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "cpu_kind": cpu_kind(),
+        "features": " ".join(cpu_features()),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "threads": args.threads,

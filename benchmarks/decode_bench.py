@@ -18,7 +18,8 @@ and decode-loop parity included), then timed:
 
 The decode step grows with p only through attention (the cache read, and the concat that
 writes the present); the table shows its growth next to the recompute's.
-Writes benchmarks/results/decode_bench.json and .md (figures, not assertions).
+Writes decode_bench.json and .md under benchmarks/results/<cpu kind>/ (figures, not
+assertions).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ from export import run_pipeline, spec_from_module  # noqa: E402
 from models import DecoderLM  # noqa: E402
 from models.zoo import LM_CACHE  # noqa: E402
 from runtime import Generator, Runner, _session  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import results_dir  # noqa: E402
 
 _runner_options = _session.session_options
 
@@ -300,7 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     parser.add_argument("--bundle", metavar="DIR/decoder_lm_bench",
                         help="keep the exported bundle here, or reuse it if it exists")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: benchmarks/results/<cpu kind>)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
@@ -354,7 +359,7 @@ def main(argv=None) -> int:
            "rows": rows, "growth": growth, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}
     doc["notes"] = notes(doc)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     stem = "decode_bench_small" if args.small else "decode_bench"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -52,7 +52,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench import gemm_gflops, limit_address_space, median_ms  # noqa: E402
+from bench import attention_flops, gemm_gflops, limit_address_space, median_ms  # noqa: E402
+from machine import cpu_kind, results_dir  # noqa: E402
 
 from export._capture import _dynamic_shapes  # noqa: E402
 from export._hf import capture_pretrained, spec_from_folder  # noqa: E402
@@ -195,18 +196,15 @@ def graph_feed(session, feed: dict) -> dict[str, np.ndarray]:
 
 def model_flops(spec, feed) -> int:
     """FLOPs of one eager forward: FlopCounterMode for the matmuls, plus attention counted by
-    hand (FlopCounterMode sees no CPU SDPA kernel): q k^T and p v, 2 FLOPs per multiply-add,
-    over the s x s_kv scores a block must compute, about half of them under a causal mask."""
+    bench.attention_flops (FlopCounterMode sees no CPU SDPA kernel): about half the scores
+    under a causal mask, none of a padded key's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    causal = spec.undefined is not None  # export/_hf.py sets it for causal models
-    extra = [0]
+    extra = [0.0]
 
     def counted(q, k, v, *args, **kwargs):
-        s, s_kv = q.shape[-2], k.shape[-2]
-        scores = s * (s + 1) // 2 if causal and s == s_kv else s * s_kv
-        extra[0] += 4 * q.shape[:-2].numel() * scores * q.shape[-1]
+        extra[0] += attention_flops(q, k, *args, **kwargs)
         return sdpa(q, k, v, *args, **kwargs)
 
     counter = FlopCounterMode(display=False)
@@ -216,7 +214,7 @@ def model_flops(spec, feed) -> int:
             spec.module(**feed)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-    return counter.get_total_flops() + extra[0]
+    return int(counter.get_total_flops() + extra[0])
 
 
 def max_abs(got: np.ndarray, want: np.ndarray, undefined) -> float:
@@ -328,22 +326,6 @@ def line(row: dict) -> str:
         f"{row['family']} b{p['batch']} s{p['seq']}: eager {row['eager_ms']:.1f} ms; {cells}; "
         f"best={row['attnx_best_variant']} {'meets' if row['meets_target'] else 'MISSES'}"
     )
-
-
-def cpu_kind() -> str:
-    """A results folder name for this CPU: its family and the features that pick kernels."""
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for text in f:
-            if text.startswith("model name"):
-                model = text.split(":", 1)[1].lower()
-                break
-    family = next((w for w in ("xeon", "epyc", "ryzen", "core") if w in model), "x86")
-    features = set(cpu_features())
-    isa = ["avx512"] if "avx512f" in features else ["avx2"] if "avx2" in features else []
-    isa += ["vnni"] if {"avx512_vnni", "avx_vnni"} & features else []
-    isa += ["amx"] if "amx_int8" in features else []
-    return "-".join([family, *isa])
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -482,7 +464,7 @@ def main() -> None:
     args.batch = [int(b) for b in args.batch.split(",")]
     args.seq = [int(s) for s in args.seq.split(",")]
     kind = cpu_kind()
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / kind
+    out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
     limit_address_space()

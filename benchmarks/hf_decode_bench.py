@@ -48,7 +48,8 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from bench import limit_address_space, median_ms  # noqa: E402
-from hf_bench import cpu_kind, make_session, optimum_venv, optimum_versions  # noqa: E402
+from hf_bench import make_session, optimum_venv, optimum_versions  # noqa: E402
+from machine import cpu_kind, results_dir  # noqa: E402
 
 from export._hf import spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
@@ -354,7 +355,7 @@ def main() -> None:
     args.batch = [int(b) for b in args.batch.split(",")]
     args.past = [int(p) for p in args.past.split(",")]
     kind = cpu_kind()
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / kind
+    out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
     limit_address_space()

@@ -13,7 +13,8 @@ retryable error (503 / no answer); the counts and the time until Ray has replace
 replica are recorded.
 
 The clients run on the same machine as the server and share its cores, so the figures are a
-floor for what the server alone would do. Writes benchmarks/results/serve_load.json and .md.
+floor for what the server alone would do. Writes serve_load.json and .md
+under benchmarks/results/<cpu kind>/.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ sys.path.insert(0, str(REPO))
 from runtime import Runner, load_bundle  # noqa: E402
 from runtime.serve.client import Client, ServerError  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import results_dir  # noqa: E402
+
 MODELS = ("mha_self", "sdpa")
 POINTS = [
     {"batch": 1, "seq": 1, "kv_seq": 1},
@@ -52,7 +56,6 @@ POINTS = [
 FEEDS_PER_POINT = 4
 REPLICA_TITLE = "ray::ServeReplica:attnx:model_"
 START_TIMEOUT_S, REPLACE_TIMEOUT_S = 180, 120
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def export_bundles(out: Path) -> dict[str, Path]:
@@ -321,7 +324,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--kill-after", type=int, default=500)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results/<cpu kind>)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bundles = (
@@ -342,6 +346,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "kill": kill,
     }
+    args.out = args.out or results_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "serve_load.md").write_text(markdown(report))

@@ -80,12 +80,15 @@ class VariantBuild:
     tolerance: Mapping[str, Tolerance]
     derived_from: str = ""
     census: dict[str, int] = field(default_factory=dict)
-    # Median latency in ms by provider at TIMING_POINT sizes: how the runner ranks variants.
+    # Median latency in ms by provider at the first timing point: how the runner ranks
+    # variants; ``timings`` has it at every timing point ({"point", "median_ms"} each).
     median_ms: dict[str, float] = field(default_factory=dict)
+    timings: list[dict] = field(default_factory=list)
 
 
 TIMING_RUNS = 15
 TIMING_SIZE = 32  # every dynamic dim at this size (clipped to its range)
+LONG_TIMING_SEQ = 1024  # the second timing point's sequence length
 
 
 # A decode step's past in the timing point of a cached spec: long enough that reading the cache
@@ -105,22 +108,42 @@ def timing_point(spec: ExportSpec) -> dict[str, int]:
     return point if spec.fit_point is None else spec.fit_point(point)
 
 
+def timing_points(spec: ExportSpec) -> list[dict[str, int]]:
+    """timing_point, then a long one, since the fastest variant changes with length: one
+    sequence of LONG_TIMING_SEQ tokens (clipped to the ranges) on every dim named like a
+    sequence, or for a cached spec a prefill of TIMING_SIZE tokens on an empty cache."""
+    short = timing_point(spec)
+    if spec.cache is not None:
+        long = {**short, spec.cache.seq_dim: TIMING_SIZE, spec.cache.past_dim: 0}
+    else:
+        long = {d: LONG_TIMING_SEQ if "seq" in d else 1 for d in spec.dims}
+    long = {d: min(spec.dims[d][1], max(spec.dims[d][0], v)) for d, v in long.items()}
+    long = long if spec.fit_point is None else spec.fit_point(long)
+    return [short] if long == short else [short, long]
+
+
 def time_variants(spec: ExportSpec, builds: Mapping[str, VariantBuild]) -> None:
-    """Median CPU latency of every CPU variant on the same inputs, for the runner's ranking."""
+    """Median CPU latency of every CPU variant on the same inputs at each timing point, for
+    the runner's ranking."""
+    for point in timing_points(spec):
+        feed = to_numpy(spec.make_inputs(point))
+        for build in builds.values():
+            if CPU in build.providers:
+                ms = _median_ms(make_session(build.model), feed)
+                build.timings.append({"point": dict(point), "median_ms": {CPU: ms}})
+                build.median_ms.setdefault(CPU, ms)
+
+
+def _median_ms(session, feed) -> float:
     import time
 
-    feed = to_numpy(spec.make_inputs(timing_point(spec)))
-    for build in builds.values():
-        if CPU not in build.providers:
-            continue
-        session = make_session(build.model)
+    session.run(None, feed)
+    times = []
+    for _ in range(TIMING_RUNS):
+        start = time.perf_counter()
         session.run(None, feed)
-        times = []
-        for _ in range(TIMING_RUNS):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        build.median_ms[CPU] = sorted(times)[len(times) // 2] * 1e3
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def op_census(model: onnx.ModelProto) -> dict[str, int]:

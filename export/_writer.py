@@ -178,6 +178,7 @@ def _variant_notes(variants: Mapping[str, VariantBuild], spec) -> dict:
             "census": build.census,
             "median_ms": build.median_ms,
             "timing_point": timing_point(spec),
+            "timings": build.timings,
         }
         for name, build in variants.items()
     }

@@ -63,7 +63,7 @@ def build_parser(extra=None) -> argparse.ArgumentParser:
 
 
 def add_commands(subparsers) -> None:
-    for command in (cmd_run, cmd_verify, cmd_bench, cmd_inspect, cmd_generate):
+    for command in (cmd_run, cmd_verify, cmd_bench, cmd_inspect, cmd_generate, cmd_tune):
         name = command.__name__.removeprefix("cmd_")
         doc = command.__doc__ or ""
         parser = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc,
@@ -122,8 +122,19 @@ def _inspect_args(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _tune_args(parser) -> None:
+    parser.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    parser.add_argument("--shape", type=_shape, action="append", default=[], metavar="DIM=N",
+                        help="a dim size to time at (default: golden case 0's sizes)")
+    parser.add_argument("--iters", type=int, default=30, metavar="N",
+                        help="timed runs per variant (default: 30; the median is kept)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op threads (default: usable CPUs)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
 _ARGUMENTS = {"run": _run_args, "verify": _verify_args, "bench": _bench_args,
-              "inspect": _inspect_args, "generate": generate_args}
+              "inspect": _inspect_args, "generate": generate_args, "tune": _tune_args}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +274,7 @@ def _bench_one(path: str, args) -> dict:
         figures = run_bench(runner, feed, warmup=args.warmup, iters=args.iters)
         placement = runner.placement(feed)
         result = {"name": bundle.manifest.name, "variant": runner.variant.name,
-                  "provider": runner.provider, "point": point,
+                  "provider": runner.provider, "point": point, "ranked_by": runner.ranked_by,
                   "load_bundle_ms": load_s * 1e3,
                   "session_creation_ms": runner.session_seconds * 1e3,
                   "iters": args.iters, "warmup": args.warmup, **figures}
@@ -276,7 +287,8 @@ def _format_bench(r: dict) -> str:
     point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
     nodes = ", ".join(f"{n} on {p}" for p, n in r["nodes_by_provider"].items())
     return "\n".join([
-        f"{r['name']}: variant {r['variant']} on {r['provider']} at {point}",
+        f"{r['name']}: variant {r['variant']} on {r['provider']} at {point} (ranked by "
+        f"{r['ranked_by']})",
         f"  load+check {r['load_bundle_ms']:.1f} ms, session creation "
         f"{r['session_creation_ms']:.1f} ms; nodes: {nodes}",
         f"  latency p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
@@ -318,4 +330,45 @@ def cmd_inspect(args) -> int:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2, sort_keys=True))
     else:
         print("\n\n".join(format_inspect(info) for info in infos))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+
+
+def cmd_tune(args) -> int:
+    """Rank a bundle's variants by timing them on this machine (CPU), for the Runner to use.
+
+    Times every exact variant that passed parity at --shape (default: golden case 0's sizes)
+    and stores the ranking in the per-user tune cache (ATTNX_CACHE_DIR, else
+    ~/.cache/attnx/tune), keyed by the bundle's hash and this CPU kind; never in the bundle.
+    A Runner on this CPU then takes the fastest; on another CPU kind it is not used.
+
+    Example: attnx tune artifacts/causal_self --shape batch=1 --shape seq=2048
+    """
+    from ._bench import bench_feed, bench_point
+    from ._bundle import load_bundle
+    from ._runner import candidate_variants
+    from ._tune import check_iters, tune
+
+    check_iters(args.iters)
+    results = []
+    for path in args.bundles:
+        bundle = load_bundle(path)
+        point = bench_point(bundle, dict(args.shape))
+        variants = candidate_variants(bundle.manifest, "CPUExecutionProvider")
+        ranking, stored = tune(bundle, variants, bench_feed(bundle, point), point,
+                               threads=args.threads, iters=args.iters)
+        results.append({"name": bundle.manifest.name, "shape": point,
+                        "median_ms": dict(ranking.median_ms), "ranking": ranking.order,
+                        "stored": str(stored)})
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        return EXIT_OK
+    for r in results:
+        at = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+        times = ", ".join(f"{n} {r['median_ms'][n]:.3f} ms" for n in r["ranking"])
+        print(f"{r['name']} at {at}: {times}; fastest {r['ranking'][0]}")
+        print(f"  stored in {r['stored']}")
     return EXIT_OK

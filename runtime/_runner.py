@@ -39,23 +39,53 @@ def passed_on(manifest: Manifest, variant: Variant, provider: str) -> bool:
                if r.variant == variant.name and r.provider == provider)
 
 
-def rank_variants(manifest: Manifest, candidates: list[Variant], provider: str) -> list[Variant]:
+def rank_variants(manifest: Manifest, candidates: list[Variant], provider: str,
+                  shape: Mapping[str, int] | None = None) -> list[Variant]:
     """Fastest first, by the median latency the exporter measured for `provider` on the same
-    inputs for every variant (manifest extra.variants.<name>.median_ms). Variants without a
-    measurement (CUDA, for a bundle exported on a CPU machine) come after the measured ones,
-    the last-listed first: the exporter lists variants from the plain graph to the most
-    rewritten, and on an H100 attention23 ran causal_self at 0.92x torch where base ran at 1.62x
-    (benchmarks/results/gpu/)."""
+    inputs for every variant, at its timing point nearest `shape` (manifest
+    extra.variants.<name>.timings; median_ms, the first point's, in older bundles). Variants
+    without a measurement (CUDA, for a bundle exported on a CPU machine) come after the
+    measured ones, the last-listed first: the exporter lists variants from the plain graph to
+    the most rewritten, and on an H100 attention23 ran causal_self at 0.92x torch where base
+    ran at 1.62x (benchmarks/results/gpu/)."""
     notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
     order = {v.name: i for i, v in enumerate(manifest.variants)}
+    point = export_timing_point(manifest, shape)
 
     def key(variant: Variant) -> tuple[float, int]:
-        measured = notes.get(variant.name, {}).get("median_ms", {}).get(provider)
+        measured = _measured(notes.get(variant.name, {}), point, provider)
         if isinstance(measured, int | float):
             return float(measured), 0
         return float("inf"), -order[variant.name]
 
     return sorted(candidates, key=key)
+
+
+def export_timing_point(manifest: Manifest, shape: Mapping[str, int] | None):
+    """The exporter's timing point nearest `shape` (its first without one); None for a bundle
+    that recorded a single point."""
+    from ._tune import Ranking, nearest
+
+    notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
+    points = [t.get("point") for n in notes.values() if isinstance(n, Mapping)
+              for t in n.get("timings", []) if isinstance(t, Mapping)]
+    unique = dict.fromkeys(json_key(p) for p in points if isinstance(p, Mapping))
+    points = [dict(p) for p in unique]
+    if not points:
+        return None
+    return dict(nearest([Ranking(p, {}) for p in points], shape).shape)
+
+
+def json_key(point: Mapping) -> tuple:
+    return tuple(sorted(point.items()))
+
+
+def _measured(note: Mapping, point, provider: str):
+    if point is not None:
+        for timing in note.get("timings", []):
+            if isinstance(timing, Mapping) and dict(timing.get("point", {})) == point:
+                return timing.get("median_ms", {}).get(provider)
+    return note.get("median_ms", {}).get(provider)
 
 
 def is_lossy(manifest: Manifest, variant: Variant) -> bool:
@@ -86,10 +116,11 @@ def choose_variant(manifest: Manifest, provider: str, name: str | None = None) -
     return candidate_variants(manifest, provider, name)[0]
 
 
-def candidate_variants(manifest: Manifest, provider: str,
-                       name: str | None = None) -> list[Variant]:
+def candidate_variants(manifest: Manifest, provider: str, name: str | None = None,
+                       shape: Mapping[str, int] | None = None) -> list[Variant]:
     """The named variant alone, or every exact variant for `provider` that passed parity,
-    fastest first: the runner takes the first one this onnxruntime can load."""
+    fastest first by the exporter's timings (at its point nearest `shape`): the runner takes
+    the first one this onnxruntime can load."""
     if name is not None:
         known = [v.name for v in manifest.variants]
         if name not in known:
@@ -106,7 +137,28 @@ def candidate_variants(manifest: Manifest, provider: str,
                             f"passed parity (variants: " + ", ".join(
                                 f"{v.name} on {'/'.join(v.providers)}"
                                 for v in manifest.variants) + ")")
-    return rank_variants(manifest, usable, provider)
+    return rank_variants(manifest, usable, provider, shape)
+
+
+def _export_ranking(manifest: Manifest, shape) -> str:
+    point = export_timing_point(manifest, shape)
+    at = f" at {', '.join(f'{d}={n}' for d, n in point.items())}" if point else ""
+    return f"the exporter's timings{at}"
+
+
+def tuned_order(bundle: Bundle, candidates: list[Variant], shape) -> tuple[list[Variant], str]:
+    """`candidates` in the order `attnx tune` measured on this CPU (those it did not time after,
+    in their own order), and what ranked them; unchanged without a usable tune entry."""
+    from ._tune import load_rankings, nearest
+
+    rankings, path = load_rankings(bundle, [v.name for v in candidates])
+    if not rankings:
+        return candidates, ""
+    ranking = nearest(rankings, shape)
+    place = {name: i for i, name in enumerate(ranking.order)}
+    ordered = sorted(candidates, key=lambda v: place.get(v.name, len(place)))
+    at = ", ".join(f"{d}={n}" for d, n in ranking.shape.items())
+    return ordered, f"attnx tune on this CPU at {at} ({path})"
 
 
 def _version_hint(manifest: Manifest) -> str:
@@ -125,21 +177,31 @@ class Runner:
     """Run a bundle with onnxruntime. `bundle` is a folder or an already loaded Bundle.
 
     provider: "auto" | "cpu" | "cuda"; variant: a name, or None for the preferred variant
-    that passed parity on the provider; threads: intra-op threads (default: usable CPUs);
+    that passed parity on the provider: ranked by `attnx tune` on this CPU where it was run
+    (runtime/_tune.py), else by the exporter's timings, at the shape nearest `shape` (the
+    dims the caller expects, e.g. {"seq": 2048}); `ranked_by` says which ranking chose it.
+    threads: intra-op threads (default: usable CPUs);
     reject_nonfinite: refuse NaN/Inf inputs (InputError); note_cpu: log one warning line when
     a lossy variant runs on a CPU of another kind than the one that measured its parity.
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, provider: str = "auto",
                  variant: str | None = None, threads: int | None = None,
-                 reject_nonfinite: bool = False, note_cpu: bool = True):
+                 reject_nonfinite: bool = False, note_cpu: bool = True,
+                 shape: Mapping[str, int] | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = self.bundle.manifest
         self.provider = resolve_provider(provider)
         self.reject_nonfinite = reject_nonfinite
         self._output_names = self.manifest.output_names
         self.skipped: dict[str, str] = {}  # variant -> why this onnxruntime could not load it
-        candidates = candidate_variants(self.manifest, self.provider, variant)
+        candidates = candidate_variants(self.manifest, self.provider, variant, shape)
+        self.ranked_by = "named by the caller" if variant is not None else _export_ranking(
+            self.manifest, shape)
+        if variant is None and self.provider == CPU:
+            candidates, tuned = tuned_order(self.bundle, candidates, shape)
+            self.ranked_by = tuned or self.ranked_by
+        logger.info("attnx: %s: variants ranked by %s", self.manifest.name, self.ranked_by)
         for i, chosen in enumerate(candidates):
             try:
                 self._open(chosen, threads)
