@@ -172,6 +172,14 @@ def _export_args(parser) -> None:
     )
     parser.add_argument("--all", action="store_true", help="export every zoo entry")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="targets exported at once, each process on its own share of the cores (default: "
+        "one per usable core; 1 exports one after another in this process)",
+    )
+    parser.add_argument(
         "--task",
         choices=sorted(_TASK_CHOICES),
         help="for a Hugging Face folder: feature-extraction (hidden states), text-generation "
@@ -243,21 +251,83 @@ def cmd_export(args) -> int:
                 zoo.get(target)  # fail fast on a typo, listing the known names
             except zoo.UnknownEntryError as err:
                 raise UsageError(str(err)) from None
+    jobs = _jobs(args.jobs, len(targets))
     bar = _Progress(len(targets)) if args.all and sys.stderr.isatty() else None
-    results = []
-    for i, target in enumerate(targets):
-        if bar:
-            bar.update(i, target)
-        results.append(_export_one(target, args, quiet=bar is not None))
+    quiet = bar is not None
+    if jobs == 1:
+        results = []
+        for i, target in enumerate(targets):
+            if bar:
+                bar.update(i, target)
+            say = None if quiet else (lambda line: print(line, flush=True))
+            results.append(_export_one(target, args, say=say))
+    else:
+        results = _export_parallel(targets, args, jobs, bar)
     if bar:
         bar.done()
     return _finish(results, args)
 
 
-def _export_one(target: str, args, *, quiet: bool) -> dict:
+def _jobs(asked: int | None, targets: int) -> int:
+    from runtime._session import default_threads
+
+    if asked is not None and asked < 1:
+        raise UsageError(f"--jobs must be >= 1, got {asked}")
+    return max(1, min(asked or default_threads(), targets))
+
+
+def _core_groups(jobs: int) -> list[list[int]]:
+    """The usable cores dealt out to ``jobs`` workers (each at least one)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < jobs:
+        return [[] for _ in range(jobs)]  # fewer cores than jobs: no pinning
+    return [cores[i::jobs] for i in range(jobs)]
+
+
+def _export_parallel(targets: list[str], args, jobs: int, bar) -> list[dict]:
+    """Export ``targets`` in ``jobs`` worker processes, each pinned to its own cores (so torch
+    and onnxruntime size their thread pools to them and the variant timings do not compete);
+    progress lines and results come back in target order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    groups = context.Queue()
+    for group in _core_groups(jobs):
+        groups.put(group)
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+    results = []
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(groups,)) as pool:
+        futures = [pool.submit(_export_quietly, t, plain) for t in targets]
+        for i, (target, future) in enumerate(zip(targets, futures, strict=True)):
+            if bar:
+                bar.update(i, target)
+            row, lines = future.result()
+            for line in [] if bar else lines:
+                print(line, flush=True)
+            results.append(row)
+    return results
+
+
+def _pin(groups) -> None:
+    """Worker start: take a share of the cores; torch's pool follows (onnxruntime's sessions size
+    theirs from the affinity, runtime._session.default_threads)."""
+    cores = groups.get()
+    if cores:
+        os.sched_setaffinity(0, cores)
+        import torch
+
+        torch.set_num_threads(len(cores))
+
+
+def _export_quietly(target: str, args) -> tuple[dict, list[str]]:
+    lines: list[str] = []
+    return _export_one(target, args, say=lines.append), lines
+
+
+def _export_one(target: str, args, *, say) -> dict:
     from ._pipeline import DEFAULT_OPSET, run_pipeline
 
-    say = None if quiet else (lambda line: print(line, flush=True))
     start = time.perf_counter()
     row = {"name": target, "records": [], "error": "", "state": "FAILED", "kind": "export"}
     try:

@@ -153,3 +153,26 @@ def test_vs_torch_runs_torch_where_onnxruntime_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # a CPU-only torch against onnxruntime on CUDA is still timed, on the CPU
     assert _torch_device(onnx_on_cuda=True) == "cpu"
+
+
+def test_parallel_export_keeps_the_order_and_the_bundles(tmp_path, capsys):
+    targets = ["learned_pe", "sdpa", f"{FACTORIES}:torch_mha"]
+    outputs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["export", *targets, "--out", str(out), "--jobs", jobs]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        stages = [line.split("]")[0].lstrip("[") for line in printed if line.startswith("[")]
+        assert stages == sorted(stages, key=["learned_pe", "sdpa", "torch_mha"].index)
+        rows = [line.split()[0] for line in printed if line.endswith("PASSED")][:-1]
+        assert rows == ["learned_pe", "sdpa", "torch_mha"]
+        outputs[jobs] = {
+            p.name: [v["name"] for v in json.loads((p / "manifest.json").read_text())["variants"]]
+            for p in out.iterdir()
+        }
+    assert outputs["1"] == outputs["2"]
+
+
+def test_jobs_must_be_positive(capsys):
+    assert main(["export", "sdpa", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "attnx: error: --jobs must be >= 1, got 0"
