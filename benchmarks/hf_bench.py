@@ -56,7 +56,8 @@ from bench import attention_flops, gemm_gflops, limit_address_space, median_ms  
 from machine import cpu_kind, results_dir  # noqa: E402
 
 from export._capture import _dynamic_shapes  # noqa: E402
-from export._hf import capture_pretrained, spec_from_folder  # noqa: E402
+from export._hf import capture_pretrained  # noqa: E402
+from export._hf_tasks import spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
@@ -443,17 +444,44 @@ def render(path: Path) -> None:
     plot(rows, path.with_suffix(".png"))
 
 
+def peer_args(parser, *, name: str, budget: float) -> None:
+    """The options both Hugging Face benchmarks take: threads, timing budget, Optimum's venv,
+    where the results go."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--budget", type=float, default=budget, help="seconds of timing per cell")
+    parser.add_argument("--optimum-venv", default=str(ROOT.parent / "optimum-venv"))
+    parser.add_argument("--no-optimum", action="store_true", help="leave the Optimum columns out")
+    parser.add_argument("--out", default=None, help="results folder (default: per CPU kind)")
+    parser.add_argument("--name", default=name)
+
+
+def peer_setup(args, script: str) -> tuple[Path, Path | None, dict]:
+    """(results folder, Optimum's python or None, the run's facts) for either benchmark; caps
+    the address space."""
+    out = Path(args.out) if args.out else results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
+    limit_address_space()
+    meta = {
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "cpu_kind": cpu_kind(),
+        "features": " ".join(cpu_features()),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": ort.__version__,
+        "optimum": optimum_versions(python),
+    }
+    return out, python, meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--seq", default="128,512,2048")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per cell")
-    parser.add_argument("--optimum-venv", default=str(ROOT.parent / "optimum-venv"))
-    parser.add_argument("--no-optimum", action="store_true", help="leave the Optimum columns out")
-    parser.add_argument("--out", default=None, help="results folder (default: per CPU kind)")
-    parser.add_argument("--name", default="hf_bench")
+    peer_args(parser, name="hf_bench", budget=4.0)
     parser.add_argument(
         "--render", metavar="JSON", help="only rewrite the .md and .png of a recorded JSON"
     )
@@ -463,25 +491,10 @@ def main() -> None:
         return
     args.batch = [int(b) for b in args.batch.split(",")]
     args.seq = [int(s) for s in args.seq.split(",")]
-    kind = cpu_kind()
-    out = Path(args.out) if args.out else results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
-    limit_address_space()
+    out, python, meta = peer_setup(args, "hf_bench.py")
     rows = []
     gemm = gemm_gflops(args.threads)
-    meta = {
-        "command": "python benchmarks/hf_bench.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "cpu_kind": kind,
-        "features": " ".join(cpu_features()),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": ort.__version__,
-        "optimum": optimum_versions(python),
-        "gemm_gflops": gemm,
-    }
+    meta["gemm_gflops"] = gemm
     with tempfile.TemporaryDirectory(prefix="attnx-hf-bench-") as tmp:
         for family in args.families.split(","):
             rows += bench_family(family, args, Path(tmp), python, gemm)

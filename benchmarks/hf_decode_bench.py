@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,15 +43,18 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench import limit_address_space, median_ms  # noqa: E402
-from hf_bench import make_session, optimum_venv, optimum_versions  # noqa: E402
-from machine import cpu_kind, results_dir  # noqa: E402
+from bench import median_ms  # noqa: E402
+from hf_bench import (  # noqa: E402
+    make_session,
+    optimum_graphs,
+    peer_args,
+    peer_setup,
+)
 
-from export._hf import spec_from_folder  # noqa: E402
+from export._hf_tasks import spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from runtime import Generator  # noqa: E402
-from runtime._cpu import cpu_features  # noqa: E402
 
 TASK = "text-generation-with-past"
 TARGET_RATIO = 0.8
@@ -101,22 +100,6 @@ def attnx_bundle(folder: Path, work: Path) -> tuple[Path, list[str], float, dict
     seconds = time.perf_counter() - start
     variants = [n for n, b in result.variants.items() if CPU in b.providers and n not in LOSSY]
     return work / "attnx" / spec.name, variants, seconds, dict(result.status.dropped)
-
-
-def optimum_graphs(python: Path, folder: Path, work: Path) -> dict[str, Path]:
-    cli = python.parent / "optimum-cli"
-    made = {}
-    for name, extra in (("optimum", []), ("optimum O2", ["--optimize", "O2"])):
-        out = work / name.replace(" ", "_") / folder.name
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [str(cli), "export", "onnx", "--model", str(folder), "--task", TASK, *extra, str(out)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"  {name}: export failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-            continue
-        made[name] = out / "model.onnx"
-    return made
 
 
 # --- one decode step ---------------------------------------------------------------------------
@@ -255,7 +238,7 @@ def bench_family(family: str, args, work: Path, python: Path | None) -> list[dic
     print(f"[{family}] exporting with attnx", flush=True)
     bundle, variants, export_s, dropped = attnx_bundle(folder, work)
     print(f"  attnx: {', '.join(variants)} in {export_s:.0f} s; dropped {dropped or 'none'}")
-    peers = {} if python is None else optimum_graphs(python, folder, work)
+    peers = {} if python is None else optimum_graphs(python, folder, TASK, work)
     rows = []
     for batch in args.batch:
         for past in args.past:
@@ -345,27 +328,11 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--batch", default="1")
     parser.add_argument("--past", default="128,512,2048")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timing per cell")
-    parser.add_argument("--optimum-venv", default=str(ROOT.parent / "optimum-venv"))
-    parser.add_argument("--no-optimum", action="store_true", help="leave the Optimum columns out")
-    parser.add_argument("--out", default=None, help="results folder (default: per CPU kind)")
-    parser.add_argument("--name", default="hf_decode_bench")
+    peer_args(parser, name="hf_decode_bench", budget=3.0)
     args = parser.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
     args.past = [int(p) for p in args.past.split(",")]
-    kind = cpu_kind()
-    out = Path(args.out) if args.out else results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    python = None if args.no_optimum else optimum_venv(Path(args.optimum_venv))
-    limit_address_space()
-    meta = {
-        "command": "python benchmarks/hf_decode_bench.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "cpu_kind": kind, "features": " ".join(cpu_features()), "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "onnxruntime": ort.__version__, "optimum": optimum_versions(python),
-    }
+    out, python, meta = peer_setup(args, "hf_decode_bench.py")
     rows = []
     with tempfile.TemporaryDirectory(prefix="attnx-hf-decode-") as tmp:
         for family in args.families.split(","):

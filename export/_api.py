@@ -67,7 +67,8 @@ def export_module(
     "text-generation-with-past"`` exports a causal LM with its KV cache, for generation
     (export/_hf_generation.py).
     """
-    from ._hf import is_pretrained, spec_for_task
+    from ._hf import is_pretrained
+    from ._hf_tasks import spec_for_task
 
     if is_pretrained(module):
         if dynamic is not None or output_names is not None or cache is not None:

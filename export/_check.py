@@ -62,7 +62,7 @@ def spec_from_manifest(manifest: Manifest) -> ExportSpec:
         return spec_from_zoo(entry, **dict(manifest.source.get("config") or {}))
 
     if target.startswith(HF_PREFIX):
-        from ._hf import spec_from_folder
+        from ._hf_tasks import spec_from_folder
 
         return spec_from_folder(target.removeprefix(HF_PREFIX), manifest.source.get("task"))
     return spec_from_factory(target)

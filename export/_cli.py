@@ -297,7 +297,8 @@ def _export_parallel(targets: list[str], args, jobs: int, bar) -> list[dict]:
         groups.put(group)
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
     results = []
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(groups,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(groups,))
+    with pool:
         futures = [pool.submit(_export_quietly, t, plain) for t in targets]
         for i, (target, future) in enumerate(zip(targets, futures, strict=True)):
             if bar:
@@ -383,7 +384,7 @@ def _spec_for(target: str, task: str | None = None):
     from ._spec import spec_from_zoo
 
     if _is_folder(target):
-        from ._hf import spec_from_folder
+        from ._hf_tasks import spec_from_folder
 
         return spec_from_folder(target, task)
     if ":" not in target:

@@ -349,17 +349,14 @@ def cmd_tune(args) -> int:
     """
     from ._bench import bench_feed, bench_point
     from ._bundle import load_bundle
-    from ._runner import candidate_variants
-    from ._tune import check_iters, tune
+    from ._tune import check_iters
 
     check_iters(args.iters)
     results = []
     for path in args.bundles:
         bundle = load_bundle(path)
         point = bench_point(bundle, dict(args.shape))
-        variants = candidate_variants(bundle.manifest, "CPUExecutionProvider")
-        ranking, stored = tune(bundle, variants, bench_feed(bundle, point), point,
-                               threads=args.threads, iters=args.iters)
+        ranking, stored = _tune_one(bundle, bench_feed(bundle, point), point, args)
         results.append({"name": bundle.manifest.name, "shape": point,
                         "median_ms": dict(ranking.median_ms), "ranking": ranking.order,
                         "stored": str(stored)})
@@ -372,3 +369,18 @@ def cmd_tune(args) -> int:
         print(f"{r['name']} at {at}: {times}; fastest {r['ranking'][0]}")
         print(f"  stored in {r['stored']}")
     return EXIT_OK
+
+
+def _tune_one(bundle, feed, point, args):
+    """Time each exact CPU variant that passed parity on ``feed`` and store the ranking at
+    ``point`` in the tune cache; (ranking, the entry's path)."""
+    from ._runner import Runner, candidate_variants
+    from ._tune import Ranking, median_ms, store
+
+    times = {}
+    for variant in candidate_variants(bundle.manifest, "CPUExecutionProvider"):
+        with Runner(bundle, provider="cpu", variant=variant.name, threads=args.threads,
+                    note_cpu=False) as runner:
+            times[variant.name] = median_ms(runner.session, runner.validate(feed), args.iters)
+    ranking = Ranking(dict(point), times)
+    return ranking, store(bundle, ranking)

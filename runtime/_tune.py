@@ -150,24 +150,10 @@ def nearest(rankings: Sequence[Ranking], shape: Mapping[str, int] | None) -> Ran
 # --- tuning --------------------------------------------------------------------------------------
 
 
-def tune(bundle, variants, feed, shape: Mapping[str, int], *, threads: int | None = None,
-         iters: int = TUNE_ITERS) -> tuple[Ranking, Path]:
-    """Time each of ``variants`` (Variant objects) on ``feed`` here and store the ranking at
-    ``shape`` in the tune cache; returns it and the entry's path."""
-    from ._runner import Runner
-
-    times = {}
-    for variant in variants:
-        with Runner(bundle, provider="cpu", variant=variant.name, threads=threads,
-                    note_cpu=False) as runner:
-            times[variant.name] = _median_ms(runner, feed, iters)
-    ranking = Ranking(dict(shape), times)
-    return ranking, store(bundle, ranking)
-
-
-def _median_ms(runner, feed, iters: int) -> float:
-    session, arrays = runner.session, runner.validate(feed)
-    session.run(None, arrays)  # warm-up: the arena and the kernels' first-call work
+def median_ms(session, arrays, iters: int) -> float:
+    """Median ms of ``iters`` session.run calls after one warm-up call (the arena and the
+    kernels' first-call work)."""
+    session.run(None, arrays)
     samples = []
     for _ in range(iters):
         start = time.perf_counter()

@@ -88,12 +88,21 @@ def test_runner_picks_the_fastest_variant_that_passed(zoo_bundles):
         if not notes[v.name]["lossy"] and "CPUExecutionProvider" in v.providers
     ]
     assert len(names) >= 2
+    points = [t["point"] for t in notes[names[0]]["timings"]]
+    assert len(points) == 2 and points[0]["seq"] < points[1]["seq"]  # a short and a long point
     for fastest in names:
         for name in names:
-            notes[name]["median_ms"] = {"CPUExecutionProvider": 1.0 if name == fastest else 9.0}
+            ms = {"CPUExecutionProvider": 1.0 if name == fastest else 9.0}
+            notes[name]["timings"] = [{"point": p, "median_ms": ms} for p in points]
         changed = dataclasses.replace(manifest, extra={**manifest.extra, "variants": notes})
         with Runner(dataclasses.replace(bundle, manifest=changed), provider="cpu") as runner:
             assert runner.variant.name == fastest
+    for name in names:  # a bundle without timings at several points: median_ms ranks
+        notes[name].pop("timings")
+        notes[name]["median_ms"] = {"CPUExecutionProvider": 1.0 if name == names[0] else 9.0}
+    changed = dataclasses.replace(manifest, extra={**manifest.extra, "variants": notes})
+    with Runner(dataclasses.replace(bundle, manifest=changed), provider="cpu") as runner:
+        assert runner.variant.name == names[0]
 
 
 def test_a_variant_that_misses_is_dropped_with_its_reason(zoo_bundles):
@@ -136,7 +145,7 @@ def test_scaled_zoo_builds_the_same_entries_bigger():
 # --- an optional variant never breaks an export --------------------------------------------
 
 
-def _refused_by_onnxruntime(spec, base, opset):
+def _refused_by_onnxruntime(spec, base, opset, native=None):
     """A graph onnx accepts and onnxruntime refuses to load: an op it has no kernel for."""
     model = onnx.ModelProto()
     model.CopyFrom(base)

@@ -11,7 +11,7 @@ import pytest
 
 from export import ExportError
 from export._cli import main
-from export._hf import load_pretrained, resolve_task
+from export._hf_tasks import load_pretrained, resolve_task
 from runtime import load_bundle
 from tests.hf.conftest import build
 

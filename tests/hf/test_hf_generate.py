@@ -19,7 +19,6 @@ import torch
 
 from export import ExportError, export_module
 from export._cli import main
-from export._hf import spec_for_task
 from export._hf_generation import (
     _rename,
     generation_positions,
@@ -27,6 +26,7 @@ from export._hf_generation import (
     spec_for_generation,
     undefined_with_cache,
 )
+from export._hf_tasks import spec_for_task
 from runtime import Generator, InputError, load_bundle
 from tests.hf.conftest import _gpt2_config, _llama_config, _transformers, build
 
