@@ -243,12 +243,14 @@ def _native(spec: ExportSpec) -> onnx.ModelProto:
     from models._native import onnx_native
 
     from .rewrites.native import WINDOW_OPSET, translation_table
+    from .rewrites.shared_kv import share_kv_heads
 
     with onnx_native() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
     opset = WINDOW_OPSET if route.windows else ATTENTION_OPSET
     with onnx_native():
-        return capture(spec, opset, custom_translation_table=translation_table())
+        model = capture(spec, opset, custom_translation_table=translation_table())
+    return share_kv_heads(model)  # Attention takes fewer kv heads than q heads as they are
 
 
 def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int,

@@ -15,7 +15,13 @@ Graph rewrites, run on an exported ModelProto (onnx only, no torch):
   Pattern: GroupQueryAttention nodes. Check: the node has a past key/value input. Replace: an
   If between one kernel call (one row or one token) and a Loop over the batch rows.
 
-``group_heads_result`` and ``rows_result`` return a RewriteResult: the model, the names of the
+- ``shared_kv``: grouped-query attention without repeating kv heads over the cache
+  (``attention23``). Pattern: ai.onnx Attention nodes. Check: k and v are repeat_kv's
+  Unsqueeze(axis 2) -> Expand -> Reshape of a [b, h_kv, s_kv, h_d] tensor into [b, h, s_kv, h_d]
+  (same b, s_kv, h_d by the inferred shapes; static heads, h a multiple of h_kv) read only by
+  Attention. Replace: Attention reads the tensor before the repeat.
+
+``group_heads_result``, ``rows_result`` and ``share_kv_result`` return a RewriteResult: the model, the names of the
 nodes replaced, and every rejected candidate with its reason (also logged at DEBUG on each
 module's logger). ``group_heads`` and ``rows_for_cached_prompts`` return the model alone.
 
