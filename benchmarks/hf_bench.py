@@ -329,15 +329,23 @@ def line(row: dict) -> str:
     )
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        "# Hugging Face models: torch eager, attnx, Optimum, transformers' exporter",
+def report_header(title: str, meta: dict) -> list[str]:
+    """A report's title, command and machine lines (CPU kind and kernel features), then a blank."""
+    return [
+        f"# {title}",
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']} ({meta['cpu_kind']}; features {meta['features']}); "
         f"{meta['threads']} threads on every side; torch {meta['torch']}, transformers "
         f"{meta['transformers']}, onnxruntime {meta['onnxruntime']}; Optimum: {meta['optimum']}.",
         "",
+    ]
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        *report_header("Hugging Face models: torch eager, attnx, Optimum, transformers' exporter",
+                       meta),
         "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192; "
         "inputs with right- and left-padded rows at batch 8. Cells: median ms (ratio to "
         "the eager block timed just before each, below 1.00 is faster); *eager ms* is the "

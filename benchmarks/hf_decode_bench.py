@@ -49,6 +49,7 @@ from hf_bench import (  # noqa: E402
     optimum_graphs,
     peer_args,
     peer_setup,
+    report_header,
 )
 
 from export._hf_tasks import spec_from_folder  # noqa: E402
@@ -263,13 +264,7 @@ def columns(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], meta: dict) -> str:
     cols = columns(rows)
     lines = [
-        "# Decode step of Hugging Face causal LMs: torch eager, attnx, Optimum",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']} ({meta['cpu_kind']}; features {meta['features']}); "
-        f"{meta['threads']} threads on every side; torch {meta['torch']}, transformers "
-        f"{meta['transformers']}, onnxruntime {meta['onnxruntime']}; Optimum: {meta['optimum']}.",
-        "",
+        *report_header("Decode step of Hugging Face causal LMs: torch eager, attnx, Optimum", meta),
         "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192. A "
         "cell: the median ms of one decode step (one new token per row) after a prefilled "
         "past, and its ratio to the eager block timed just before it (below 1.00 is faster); "

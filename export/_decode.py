@@ -151,8 +151,7 @@ def _decode_loop(spec: ExportSpec, cache: Cache, session, run: Mapping[str, int]
             ort_feed.update(ort_cache)
         expected = eager_outputs(spec, feed, names)
         actual = dict(zip(names, session.run(None, ort_feed), strict=True))
-        undefined = {} if spec.undefined is None else dict(spec.undefined(feed, expected))
-        yield actual, expected, point, undefined
+        yield actual, expected, point, spec.undefined_positions(feed, expected)
         torch_cache = {p: torch.from_numpy(expected[q]) for p, q in pairs}
         ort_cache = {p: actual[q] for p, q in pairs}
         if token is not None and logits is not None:

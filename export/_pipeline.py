@@ -254,14 +254,9 @@ def measure_grid(
                 outputs = _run_failed(expected, table, err)
                 records.append(parity_record(variant, PROVIDER, point, outputs))
                 continue
-            outputs = compare(actual, expected, table, _undefined(spec, feed, expected))
+            outputs = compare(actual, expected, table, spec.undefined_positions(feed, expected))
             records.append(parity_record(variant, PROVIDER, point, outputs))
     return records
-
-
-def _undefined(spec: ExportSpec, feed, expected) -> dict:
-    """Positions the module defines no answer for (spec.undefined), by output."""
-    return {} if spec.undefined is None else dict(spec.undefined(feed, expected))
 
 
 REFUSED = "onnxruntime refused to load the graph"

@@ -65,6 +65,10 @@ class ExportSpec:
     # named here take the range of the embedding table they index (export/_ranges.py).
     value_ranges: Mapping[str, tuple[int, int] | None] = field(default_factory=dict)
 
+    def undefined_positions(self, feed, outputs) -> dict:
+        """Per output, the positions the module defines no answer for (``undefined``)."""
+        return {} if self.undefined is None else dict(self.undefined(feed, outputs))
+
     def example_feed(self) -> dict[str, torch.Tensor]:
         if self.example_inputs is not None:
             return dict(self.example_inputs)

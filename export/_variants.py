@@ -100,12 +100,17 @@ def timing_point(spec: ExportSpec) -> dict[str, int]:
     """Where the runner's ranking is timed: TIMING_SIZE on every dim; for a cached spec a
     decode step (one sequence, one new token after DECODE_TIMING_PAST positions), since
     generation spends its time there and the variants rank differently on a prefill."""
-    point = {d: min(hi, max(lo, TIMING_SIZE)) for d, (lo, hi) in spec.dims.items()}
+    point = dict.fromkeys(spec.dims, TIMING_SIZE)
     if spec.cache is not None:
-        decode = {spec.cache.batch_dim: 1, spec.cache.seq_dim: 1,
-                  spec.cache.past_dim: DECODE_TIMING_PAST}
-        point.update({d: min(spec.dims[d][1], max(spec.dims[d][0], v)) for d, v in decode.items()})
-    return point if spec.fit_point is None else spec.fit_point(point)
+        point.update({spec.cache.batch_dim: 1, spec.cache.seq_dim: 1,
+                      spec.cache.past_dim: DECODE_TIMING_PAST})
+    return _within(spec, point)
+
+
+def _within(spec: ExportSpec, point: Mapping[str, int]) -> dict[str, int]:
+    """``point`` clipped to the dims' ranges, then to what the spec accepts (fit_point)."""
+    clipped = {d: min(spec.dims[d][1], max(spec.dims[d][0], v)) for d, v in point.items()}
+    return clipped if spec.fit_point is None else spec.fit_point(clipped)
 
 
 def timing_points(spec: ExportSpec) -> list[dict[str, int]]:
@@ -117,8 +122,7 @@ def timing_points(spec: ExportSpec) -> list[dict[str, int]]:
         long = {**short, spec.cache.seq_dim: TIMING_SIZE, spec.cache.past_dim: 0}
     else:
         long = {d: LONG_TIMING_SEQ if "seq" in d else 1 for d in spec.dims}
-    long = {d: min(spec.dims[d][1], max(spec.dims[d][0], v)) for d, v in long.items()}
-    long = long if spec.fit_point is None else spec.fit_point(long)
+    long = _within(spec, long)
     return [short] if long == short else [short, long]
 
 
@@ -127,13 +131,15 @@ def time_variants(spec: ExportSpec, builds: Mapping[str, VariantBuild]) -> None:
     the runner's ranking."""
     from runtime._tune import median_ms
 
-    for point in timing_points(spec):
-        feed = to_numpy(spec.make_inputs(point))
-        for build in builds.values():
-            if CPU in build.providers:
-                ms = median_ms(make_session(build.model), feed, TIMING_RUNS)
-                build.timings.append({"point": dict(point), "median_ms": {CPU: ms}})
-                build.median_ms.setdefault(CPU, ms)
+    feeds = [(point, to_numpy(spec.make_inputs(point))) for point in timing_points(spec)]
+    for build in builds.values():
+        if CPU not in build.providers:
+            continue
+        session = make_session(build.model)  # one per variant, timed at every point
+        for point, feed in feeds:
+            ms = median_ms(session, feed, TIMING_RUNS)
+            build.timings.append({"point": dict(point), "median_ms": {CPU: ms}})
+            build.median_ms.setdefault(CPU, ms)
 
 
 def op_census(model: onnx.ModelProto) -> dict[str, int]:

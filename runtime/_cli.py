@@ -126,8 +126,10 @@ def _tune_args(parser) -> None:
     parser.add_argument("bundles", nargs="+", metavar="BUNDLE")
     parser.add_argument("--shape", type=_shape, action="append", default=[], metavar="DIM=N",
                         help="a dim size to time at (default: golden case 0's sizes)")
-    parser.add_argument("--iters", type=int, default=30, metavar="N",
-                        help="timed runs per variant (default: 30; the median is kept)")
+    from ._tune import TUNE_ITERS
+
+    parser.add_argument("--iters", type=int, default=TUNE_ITERS, metavar="N",
+                        help=f"timed runs per variant (default: {TUNE_ITERS}; the median is kept)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="intra-op threads (default: usable CPUs)")
     parser.add_argument("--json", action="store_true", help="print JSON")

@@ -299,7 +299,8 @@ class Generator:
         mask = np.zeros((len(arrays), longest), np.int64)
         for row, a in enumerate(arrays):
             tokens[row, longest - len(a):], mask[row, longest - len(a):] = a, 1
-        self._token_array(tokens)  # the pad id must be a token id too
+        if longest > min(map(len, arrays)):
+            self._token_array([pad])  # the pad id must be a token id too
         return tokens, mask
 
     def check_request(self, prompt_length: int, max_new_tokens: int) -> None:

@@ -64,20 +64,14 @@ def rank_variants(manifest: Manifest, candidates: list[Variant], provider: str,
 def export_timing_point(manifest: Manifest, shape: Mapping[str, int] | None):
     """The exporter's timing point nearest `shape` (its first without one); None for a bundle
     that recorded a single point."""
-    from ._tune import Ranking, nearest
+    from ._tune import nearest
 
     notes = manifest.extra.get("variants", {}) if isinstance(manifest.extra, Mapping) else {}
     points = [t.get("point") for n in notes.values() if isinstance(n, Mapping)
               for t in n.get("timings", []) if isinstance(t, Mapping)]
-    unique = dict.fromkeys(json_key(p) for p in points if isinstance(p, Mapping))
+    unique = dict.fromkeys(tuple(sorted(p.items())) for p in points if isinstance(p, Mapping))
     points = [dict(p) for p in unique]
-    if not points:
-        return None
-    return dict(nearest([Ranking(p, {}) for p in points], shape).shape)
-
-
-def json_key(point: Mapping) -> tuple:
-    return tuple(sorted(point.items()))
+    return points[nearest(points, shape)] if points else None
 
 
 def _measured(note: Mapping, point, provider: str):
@@ -154,7 +148,7 @@ def tuned_order(bundle: Bundle, candidates: list[Variant], shape) -> tuple[list[
     rankings, path = load_rankings(bundle, [v.name for v in candidates])
     if not rankings:
         return candidates, ""
-    ranking = nearest(rankings, shape)
+    ranking = rankings[nearest([r.shape for r in rankings], shape)]
     place = {name: i for i, name in enumerate(ranking.order)}
     ordered = sorted(candidates, key=lambda v: place.get(v.name, len(place)))
     at = ", ".join(f"{d}={n}" for d, n in ranking.shape.items())

@@ -70,16 +70,16 @@ def bundle_hash(bundle_dir: Path) -> str:
     return hashlib.sha256((Path(bundle_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-def cpu_key(features: Sequence[str] | None = None) -> dict[str, Any]:
+def cpu_key() -> dict[str, Any]:
     """This machine's CPU kind as the cache keys it: architecture and kernel features."""
-    features = cpu_features() if features is None else features
-    return {"arch": platform.machine() or "unknown", "features": list(features)}
+    return {"arch": platform.machine() or "unknown", "features": list(cpu_features())}
 
 
-def entry_path(bundle_dir: Path, cpu: Mapping[str, Any] | None = None) -> Path:
-    cpu = cpu_key() if cpu is None else cpu
-    kind = hashlib.sha256(json.dumps(cpu, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "tune" / f"{bundle_hash(bundle_dir)[:32]}-{kind}.json"
+def entry_path(bundle_dir: Path, digest: str | None = None) -> Path:
+    """This CPU's tune cache entry for the bundle; ``digest``: its bundle_hash, if known."""
+    kind = hashlib.sha256(json.dumps(cpu_key(), sort_keys=True).encode()).hexdigest()[:16]
+    digest = digest or bundle_hash(bundle_dir)
+    return cache_dir() / "tune" / f"{digest[:32]}-{kind}.json"
 
 
 def _checksum(body: Mapping[str, Any]) -> str:
@@ -98,10 +98,14 @@ def _onnxruntime_version() -> str:
 def load_rankings(bundle, variants: Sequence[str]) -> tuple[list[Ranking], Path]:
     """The rankings stored for this bundle on this CPU, or [] (with a warning when an entry
     exists but is tampered or stale). ``variants``: the names the runner may choose from."""
-    path = entry_path(bundle.dir)
+    digest = bundle_hash(bundle.dir)
+    path = entry_path(bundle.dir, digest)
     if not path.is_file():
         return [], path
-    problem, rankings = _read_entry(path, bundle, set(variants))
+    problem, rankings = _read_entry(path, digest)
+    unknown = sorted({n for r in rankings for n in r.median_ms} - set(variants))
+    if unknown:
+        problem = f"it ranks variants {unknown} that this bundle does not offer here"
     if problem:
         logger.warning("attnx: tune cache entry %s ignored: %s; run `attnx tune %s` again",
                        path, problem, bundle.dir)
@@ -109,7 +113,9 @@ def load_rankings(bundle, variants: Sequence[str]) -> tuple[list[Ranking], Path]
     return rankings, path
 
 
-def _read_entry(path: Path, bundle, variants: set[str]) -> tuple[str | None, list[Ranking]]:
+def _read_entry(path: Path, digest: str) -> tuple[str | None, list[Ranking]]:
+    """(None, rankings) of a sound entry for the bundle of sha256 ``digest`` on this CPU with
+    this onnxruntime, else (what is wrong with it, [])."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
         body, checksum = entry["body"], entry["checksum"]
@@ -117,7 +123,7 @@ def _read_entry(path: Path, bundle, variants: set[str]) -> tuple[str | None, lis
         return f"unreadable ({type(err).__name__}: {err})", []
     if not isinstance(body, dict) or _checksum(body) != checksum:
         return "its checksum does not match its content (edited or corrupted)", []
-    expected = {"version": ENTRY_VERSION, "bundle": bundle_hash(bundle.dir), "cpu": cpu_key(),
+    expected = {"version": ENTRY_VERSION, "bundle": digest, "cpu": cpu_key(),
                 "onnxruntime": _onnxruntime_version()}
     for key, want in expected.items():
         if body.get(key) != want:
@@ -127,24 +133,20 @@ def _read_entry(path: Path, bundle, variants: set[str]) -> tuple[str | None, lis
                     for r in body["rankings"]]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         return f"malformed rankings ({type(err).__name__}: {err})", []
-    unknown = sorted({n for r in rankings for n in r.median_ms} - variants)
-    if unknown or not rankings:
-        return (f"it ranks variants {unknown} that this bundle does not offer here"
-                if unknown else "it holds no ranking"), []
-    return None, rankings
+    return (None, rankings) if rankings else ("it holds no ranking", [])
 
 
-def nearest(rankings: Sequence[Ranking], shape: Mapping[str, int] | None) -> Ranking:
-    """The ranking tuned at the shape nearest ``shape`` (summed |log| size ratios over the dims
-    both name); the first one without a shape."""
+def nearest(shapes: Sequence[Mapping[str, int]], shape: Mapping[str, int] | None) -> int:
+    """The index of the shape in ``shapes`` nearest ``shape`` (summed |log| size ratios over the
+    dims both name); 0 without a shape."""
     if not shape:
-        return rankings[0]
+        return 0
 
-    def distance(r: Ranking) -> float:
-        common = set(r.shape) & set(shape)
-        return sum(abs(math.log((r.shape[d] + 1) / (shape[d] + 1))) for d in common)
+    def distance(i: int) -> float:
+        common = set(shapes[i]) & set(shape)
+        return sum(abs(math.log((shapes[i][d] + 1) / (shape[d] + 1))) for d in common)
 
-    return min(rankings, key=distance)
+    return min(range(len(shapes)), key=distance)
 
 
 # --- tuning --------------------------------------------------------------------------------------
@@ -163,15 +165,15 @@ def median_ms(session, arrays, iters: int) -> float:
 
 
 def store(bundle, ranking: Ranking) -> Path:
-    """Add ``ranking`` to this machine's entry for the bundle (replacing one at the same shape)."""
-    path = entry_path(bundle.dir)
-    kept: list[Ranking] = []
-    if path.is_file():
-        problem, kept = _read_entry(path, bundle, set(ranking.median_ms) | _named(path))
-        kept = [] if problem else [r for r in kept if dict(r.shape) != dict(ranking.shape)]
+    """Add ``ranking`` to this machine's entry for the bundle (replacing one at the same shape;
+    an entry that is not sound for this bundle, CPU and onnxruntime is replaced whole)."""
+    digest = bundle_hash(bundle.dir)
+    path = entry_path(bundle.dir, digest)
+    kept = _read_entry(path, digest)[1] if path.is_file() else []
+    kept = [r for r in kept if dict(r.shape) != dict(ranking.shape)]
     body = {
         "version": ENTRY_VERSION,
-        "bundle": bundle_hash(bundle.dir),
+        "bundle": digest,
         "bundle_dir": str(Path(bundle.dir).resolve()),
         "cpu": cpu_key(),
         "onnxruntime": _onnxruntime_version(),
@@ -181,15 +183,6 @@ def store(bundle, ranking: Ranking) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"body": body, "checksum": _checksum(body)}, indent=1))
     return path
-
-
-def _named(path: Path) -> set[str]:
-    """Variant names an existing entry ranks (so that re-tuning keeps its other shapes)."""
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))["body"]
-        return {n for r in body["rankings"] for n in r["median_ms"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
 
 
 def check_iters(iters: int) -> None:

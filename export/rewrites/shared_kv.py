@@ -37,37 +37,52 @@ def share_kv_heads(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def share_kv_result(model: onnx.ModelProto) -> RewriteResult:
-    out = copy.deepcopy(model)
-    graph = out.graph
+    graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    outputs = {o.name for o in graph.output}
-    shapes = _shapes(out)
-    rewritten, rejected = [], []
-    for index, node in enumerate(graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type != "Attention":
-            continue
-        found = [_repeat_source(node.input[slot], producers, consumers, constants, outputs,
-                                shapes) for slot in (1, 2)]
+    attentions = [(i, n) for i, n in enumerate(graph.node)
+                  if n.domain in ("", "ai.onnx") and n.op_type == "Attention"]
+    if not attentions:
+        return RewriteResult(model)
+    context = (producers, consumers, _Constants(graph), {o.name for o in graph.output},
+               _shapes(model))
+    plans, rejected = [], []
+    for index, node in attentions:
+        found = [_repeat_source(node.input[slot], *context) for slot in (1, 2)]
         reasons = [why for _, why in found if why]
         if reasons:
             rejected.append(Rejected(node_name(node, index), reasons[0]))
-            continue
-        node.input[1], node.input[2] = (source for source, _ in found)
-        rewritten.append(node_name(node, index))
-    if not rewritten:
-        _log(rejected)
-        return RewriteResult(model, (), tuple(rejected))
-    _drop_unread(graph)
+        else:
+            plans.append((index, [source for source, _ in found]))
     _log(rejected)
-    return RewriteResult(out, tuple(rewritten), tuple(rejected))
+    if not plans:
+        return RewriteResult(model, (), tuple(rejected))
+    out = copy.deepcopy(model)  # only a graph that changes is copied
+    for index, (k, v) in plans:
+        out.graph.node[index].input[1], out.graph.node[index].input[2] = k, v
+    _drop_unread(out.graph)
+    rewritten = tuple(node_name(graph.node[index], index) for index, _ in plans)
+    return RewriteResult(out, rewritten, tuple(rejected))
+
+
+class _Constants:
+    """Constant values by name (initializers and Constant nodes), read only when asked: the
+    weights are never converted."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def get(self, name: str):
+        if name in self._initializers:
+            return numpy_helper.to_array(self._initializers[name])
+        node = self._nodes.get(name)
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
