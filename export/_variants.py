@@ -13,6 +13,9 @@ Each variant is a separate ONNX file with its own providers, tolerance and parit
   For the CPU: onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so on CUDA
   the float32 graph's kernels and Loops fall back to the CPU (21.5x torch at seq 4096 on an
   H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
+- ``tiled``: the fused graph with its causal sliding-window GroupQueryAttention called once per
+  tile of queries over the keys the tile's window reaches (export/rewrites/query_tiles.py):
+  one call over the prompt scores the full s x s square whatever the window.
 - ``int8``: dynamic int8 quantization of the fused graph's MatMuls (7-bit weights per channel,
   exact on CPUs with and without VNNI), the head-group Loop's projections included.
 - ``fp16``: the fused graph in float16 with float32 inputs and outputs, for CUDA only.
@@ -192,6 +195,11 @@ def build_variants(
         fused = _attempt(failed, "fused", lambda: _long(spec, kernels))
         if fused is not None:
             _keep(builds, "fused", VariantBuild(fused, FUSED_PROVIDERS, tolerance, "base"))
+        if "tiled" in wanted and routed is not None:
+            tiled = _attempt(failed, "tiled", lambda: _tiled(spec, kernels))
+            if tiled is not None:
+                build = VariantBuild(tiled, FUSED_PROVIDERS, tolerance, "fused")
+                _keep(builds, "tiled", build, against=builds.get("fused"))
     source = builds.get("fused", builds["base"])
     if "int8" in wanted:
         # The head-group rewrite quantizes the projections it takes over (gathered weights are
@@ -227,7 +235,7 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text.strip()[:limit]}" if text else type(err).__name__
 
 
-DEFAULT_VARIANTS = ("attention23", "fused", "int8", "fp16")
+DEFAULT_VARIANTS = ("attention23", "fused", "tiled", "int8", "fp16")
 
 
 def _keep(builds, name, build: VariantBuild, against: VariantBuild | None = None) -> None:
@@ -298,6 +306,14 @@ def _long(spec: ExportSpec, model: onnx.ModelProto, *, int8: bool = False) -> on
 
     longest = max((hi for dim, (_, hi) in spec.dims.items() if "seq" in dim), default=0)
     return group_heads(model, int8=int8) if longest >= LOOP_MIN_SEQ else model
+
+
+def _tiled(spec: ExportSpec, kernels: onnx.ModelProto) -> onnx.ModelProto:
+    """The kernel-routed graph, over head groups where ``fused`` takes them, with its windowed
+    GroupQueryAttention called once per tile of queries (export/rewrites/query_tiles.py)."""
+    from .rewrites.query_tiles import tile_queries
+
+    return tile_queries(_long(spec, kernels))
 
 
 def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:

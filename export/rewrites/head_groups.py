@@ -84,7 +84,7 @@ def group_heads_result(
         _rewrite(graph, node, match, groups, min_seq, prefix, int8)
         rewritten.append(name)
     if rewritten:
-        _remove_dead_nodes(graph)
+        remove_dead_nodes(graph)
         undefined = _undefined_reads(graph)
         if undefined:
             reason = (
@@ -390,10 +390,10 @@ def _one_call_branch(node, chain_nodes, p: str, seqlens: str, total: str):
 # --- clean-up -------------------------------------------------------------------------------
 
 
-def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
+def remove_dead_nodes(graph: onnx.GraphProto) -> None:
     """Drop nodes none of whose outputs is used (the old kernel's length computation)."""
     while True:
-        used = {o.name for o in graph.output} | _used_names(graph)
+        used = {o.name for o in graph.output} | used_names(graph)
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             return
@@ -401,18 +401,18 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
             graph.node.remove(n)
 
 
-def _subgraphs(node: onnx.NodeProto):
+def subgraphs(node: onnx.NodeProto):
     for attr in node.attribute:
         yield from [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
+def used_names(graph: onnx.GraphProto) -> set[str]:
     """Every name read by a node of graph or of its subgraphs (outer-scope reads included)."""
     names = set()
     for node in graph.node:
         names.update(node.input)
-        for sub in _subgraphs(node):
-            names |= _used_names(sub)
+        for sub in subgraphs(node):
+            names |= used_names(sub)
     return names
 
 
@@ -422,8 +422,8 @@ def _undefined_reads(graph: onnx.GraphProto) -> list[str]:
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
         reads = set(node.input)
-        for sub in _subgraphs(node):
-            reads |= _used_names(sub) - _defined(sub)
+        for sub in subgraphs(node):
+            reads |= used_names(sub) - _defined(sub)
         if not reads <= known:
             return sorted(reads - known)
         known.update(node.output)
@@ -434,6 +434,6 @@ def _defined(graph: onnx.GraphProto) -> set[str]:
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for node in graph.node:
         names.update(node.output)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             names |= _defined(sub)
     return names
