@@ -45,7 +45,7 @@ BENCH_SIZE = zoo.Size(d=512, heads=8, max_seq=8192, max_batch=8, vocab=4096, win
 TARGET_RATIO = 0.8  # the best passing variant at most 0.8x eager ...
 TARGET_GEMM = 0.85  # ... or at 85% of the measured GEMM rate
 GEMM_N = 4096
-VARIANT_COLORS = {"base": "C0", "attention23": "C1", "fused": "C3", "int8": "C2"}
+VARIANT_COLORS = {"base": "C0", "attention23": "C1", "fused": "C3", "tiled": "C4", "int8": "C2"}
 SLOW_RATIO = 3.0  # a variant whose first call takes this many times eager's (and over the
 # timing budget) is timed once: at batch 8, seq 4096 such calls take 10-20 s each
 
@@ -407,7 +407,7 @@ def entry_child(args) -> None:
 
 
 def markdown(rows: list[dict], memory: list[dict], meta: dict) -> str:
-    names = ["base", "attention23", "fused", "int8"]
+    names = ["base", "attention23", "fused", "tiled", "int8"]
     lines = [
         "# attnx benchmark: torch eager vs ONNX Runtime variants",
         "",

@@ -191,8 +191,8 @@ def _export_args(parser) -> None:
     parser.add_argument(
         "--variants",
         metavar="V,V",
-        help="optimized variants to build besides base (default: attention23,fused,int8,fp16; "
-        "'none' for base only)",
+        help="optimized variants to build besides base (default: "
+        "attention23,fused,tiled,int8,fp16; 'none' for base only)",
     )
     parser.add_argument("--junit", metavar="FILE", help="write parity results as JUnit XML")
     parser.add_argument("--json", metavar="FILE", help="write parity records as JSON")

@@ -3,7 +3,7 @@
 In eager mode these are plain torch. Inside ``ort_kernels()`` the attention core becomes the
 custom op ``attnx::attention``, which the exporter's ``fused`` variant lowers to onnxruntime
 kernels that never materialize an s x s score, mask or bias tensor: GroupQueryAttention for
-causal attention (it skips the masked half) and MultiHeadAttention's flash path otherwise.
+causal attention and MultiHeadAttention's flash path otherwise.
 Key padding reaches those kernels as an extra head dimension, a score bias (ALiBi, T5,
 Transformer-XL) as the kernel's bias input (export/rewrites/kernels.py).
 

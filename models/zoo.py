@@ -338,7 +338,7 @@ def _registry(size: Size = SMALL) -> list[ZooEntry]:
         ),
         mha_entry(
             "causal_self",
-            "causal self-attention, no padding: the fused variant skips the masked half",
+            "causal self-attention, no padding: the fused variant never builds the s x s mask",
             {"causal": True},
             inputs=(X,),
         ),

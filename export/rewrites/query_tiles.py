@@ -47,8 +47,9 @@ FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
 INT32 = onnx.TensorProto.INT32
 PAST, ROTARY, BIAS = (3, 4), (7, 8, 9), 10  # GroupQueryAttention's optional inputs
-# Measured at d 512, 8 heads, seq 2048-4096, 2 threads, AMD EPYC Zen 3 (AVX2): the tiles over
-# a causal block without a window took 1.01-1.18x the one call (docs/performance.md).
+# Batch 1, 8 heads of 64, seq 2048 and 4096, 2 threads, AMD EPYC Zen 3 (AVX2): tiles of 256 over
+# plain causal attention took 1.5x the one call, over a window of 256 0.38-0.67x
+# (benchmarks/results/epyc-avx2/kernel_tiles.md).
 NO_WINDOW = "the node has no causal window: one call over the prompt is as fast as the tiles"
 
 
