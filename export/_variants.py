@@ -188,15 +188,15 @@ def build_variants(
         if native is not None:
             _keep(builds, "attention23", VariantBuild(native, ALL_PROVIDERS, tolerance, "base"))
     kernels, native = base, builds.get("attention23")
-    if {"fused", "int8", "fp16"} & set(wanted):
+    if {"fused", "tiled", "int8", "fp16"} & set(wanted):
         source = None if native is None else native.model
         routed = _attempt(failed, "fused", lambda: _fused(spec, base, opset, source))
         kernels = base if routed is None else routed
         fused = _attempt(failed, "fused", lambda: _long(spec, kernels))
         if fused is not None:
             _keep(builds, "fused", VariantBuild(fused, FUSED_PROVIDERS, tolerance, "base"))
-        if "tiled" in wanted and routed is not None:
-            tiled = _attempt(failed, "tiled", lambda: _tiled(spec, kernels))
+        if "tiled" in wanted and routed is not None and fused is not None:
+            tiled = _attempt(failed, "tiled", lambda: _tiled(fused))
             if tiled is not None:
                 build = VariantBuild(tiled, FUSED_PROVIDERS, tolerance, "fused")
                 _keep(builds, "tiled", build, against=builds.get("fused"))
@@ -308,12 +308,12 @@ def _long(spec: ExportSpec, model: onnx.ModelProto, *, int8: bool = False) -> on
     return group_heads(model, int8=int8) if longest >= LOOP_MIN_SEQ else model
 
 
-def _tiled(spec: ExportSpec, kernels: onnx.ModelProto) -> onnx.ModelProto:
-    """The kernel-routed graph, over head groups where ``fused`` takes them, with its windowed
-    GroupQueryAttention called once per tile of queries (export/rewrites/query_tiles.py)."""
+def _tiled(fused: onnx.ModelProto) -> onnx.ModelProto:
+    """The fused graph with its windowed GroupQueryAttention called once per tile of queries
+    (export/rewrites/query_tiles.py)."""
     from .rewrites.query_tiles import tile_queries
 
-    return tile_queries(_long(spec, kernels))
+    return tile_queries(fused)
 
 
 def _int8(model: onnx.ModelProto) -> onnx.ModelProto | None:

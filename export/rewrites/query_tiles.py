@@ -9,8 +9,8 @@ carries the keys and values seen so far (its present output) and hands it the la
 ``window - 1`` of them as its past: each tile scores t rows against t + w - 1 keys, so the work
 grows with s * (t + w), not s * s.
 
-Without a window the tiles would skip the masked half, but each call over a past runs at about
-half the kernel's per-FLOP rate on a whole prompt, so that Loop is no faster (NO_WINDOW).
+Without a window the tiles would skip the masked half, but each call over a past runs at about a
+third of the kernel's per-FLOP rate on a whole prompt, so that Loop is slower (NO_WINDOW).
 
 The kernel takes a prompt over a past for one batch row at a time, so an outer Loop runs the
 rows. The sequence is cut into T = ceil(s / TILE) tiles of equal size (a multiple of
@@ -23,7 +23,7 @@ bias; a nonzero scale; present key/value unused; seqlens_k is total_sequence_len
 every row (attnx's lowerings build both from one length, so no row is right-padded). Replace:
 the Loops, whose output keeps the node's output name. Key padding that the lowering carries as
 an extra head column (export/rewrites/kernels.py) stays in q, k and v, so it masks exactly as
-before.
+before. The Loops are float32 (attnx's fp16 variant is made from ``fused``, not from these).
 """
 
 from __future__ import annotations
@@ -40,17 +40,31 @@ from .head_groups import remove_dead_nodes, subgraphs, used_names
 
 logger = logging.getLogger(__name__)
 
-TILE = 256  # query rows per tile at most: 128-256 ran best at window 256 (docs/performance.md)
+# Query rows per tile at most. On the zoo's sliding_window (window 256, seq 2048-4096, AVX2)
+# tiles of 128 and 256 ran alike and 512 was slower; 256 keeps the call count down.
+TILE = 256
 TILE_ALIGN = 16  # tiles are a multiple of this many rows
 GQA = ("com.microsoft", "GroupQueryAttention")
 FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
 INT32 = onnx.TensorProto.INT32
-PAST, ROTARY, BIAS = (3, 4), (7, 8, 9), 10  # GroupQueryAttention's optional inputs
+# GroupQueryAttention's inputs (onnxruntime 1.32); the tiles pass on the first seven only.
+GQA_INPUTS = (
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+    "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale",
+    "v_scale", "q_norm_weight", "k_norm_weight", "query_seqlens",
+)  # fmt: skip
+PAST, FIRST_EXTRA_INPUT = (3, 4), 7
+# Attributes the per-tile calls carry as they are (do_rotary, softcap and smooth_softmax only
+# when off); any other (quantized caches, qk output) changes what the kernel computes.
+KNOWN_ATTRS = {
+    "num_heads", "kv_num_heads", "scale", "local_window_size", "do_rotary",
+    "rotary_interleaved", "softcap", "smooth_softmax",
+}  # fmt: skip
 # Batch 1, 8 heads of 64, seq 2048 and 4096, 2 threads, AMD EPYC Zen 3 (AVX2): tiles of 256 over
 # plain causal attention took 1.5x the one call, over a window of 256 0.38-0.67x
 # (benchmarks/results/epyc-avx2/kernel_tiles.md).
-NO_WINDOW = "the node has no causal window: one call over the prompt is as fast as the tiles"
+NO_WINDOW = "the node has no causal window: the tiles would take about 1.5x the one call"
 
 
 def tile_queries(model: onnx.ModelProto, *, tile: int = TILE) -> onnx.ModelProto:
@@ -111,29 +125,30 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _reason_to_leave(node, producers, used) -> str:
-    """Why the node is not causal self-attention the Loop computes the same; "" when it is."""
-    inputs = list(node.input) + [""] * (11 - len(node.input))
+    """Why the node is not windowed causal self-attention the tiles compute the same; "" when
+    it is."""
+    inputs = list(node.input) + [""] * (len(GQA_INPUTS) - len(node.input))
     attrs = _attrs(node)
     if any(inputs[i] for i in PAST):
         return "the node has a past key/value input"
-    if any(inputs[i] for i in ROTARY) or attrs.get("do_rotary", 0):
-        return "the node applies rotary embeddings itself"
-    if inputs[BIAS]:
-        return "the node has an attention_bias input"
+    extra = [GQA_INPUTS[i] for i in range(FIRST_EXTRA_INPUT, len(inputs)) if inputs[i]]
+    if extra or attrs.get("do_rotary", 0):
+        return f"the node has inputs or rotary the tiles do not pass on: {extra or 'do_rotary'}"
     if attrs.get("softcap", 0.0) or attrs.get("smooth_softmax", 0):
         return "the node uses softcap or smooth softmax"
+    unknown = sorted(set(attrs) - KNOWN_ATTRS)
+    if unknown:
+        return f"the node sets attributes the tiles do not carry: {unknown}"
     window = attrs.get("local_window_size", -1)
     if window < 0:
         return NO_WINDOW
     if window < 2:
         return f"the node's window of {window} keys leaves no past to carry"
-    if not attrs.get("scale", 0.0):
-        return "the node has no scale attribute (the kernel's default needs the head size)"
     if bool(inputs[1]) != bool(inputs[2]):
         return "the node has a key without a value, or a value without a key"
-    present = [n for n in node.output[1:3] if n and n in used]
-    if present:
-        return f"present key/value outputs are used ({', '.join(map(repr, present))})"
+    read = [n for n in node.output[1:] if n and n in used]
+    if read:
+        return f"outputs besides the attention output are used ({', '.join(map(repr, read))})"
     if not _same_length(inputs[5], inputs[6], producers):
         return (
             "seqlens_k is not total_sequence_length - 1 for every row (Cast(Expand(Sub(n, 1))) "
@@ -205,13 +220,14 @@ class _Builder:
 
 
 def _replace(graph, node, tile: int, prefix: str) -> None:
+    """Put the row and tile Loops where node was; the last one writes node's output name."""
     attrs = _attrs(node)
     heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
     g = _Builder(prefix)
     q, k, v = _separate(g, node, heads, kv_heads)
     sizes = _tile_sizes(g, q, k, kv_heads, tile)
     q, k, v = (_pad_rows(g, x, label, sizes) for x, label in ((q, "q"), (k, "k"), (v, "v")))
-    body = _row_body(g.p, node, sizes, q, k, v, attrs)
+    body = _row_body(g.p, sizes, q, k, v, attrs)
     # An explicit condition: onnxruntime 1.32 fails a condition-less Loop inside an If branch
     # ("vector::reserve").
     always = g.const("always", True, np.bool_)
@@ -249,31 +265,14 @@ def _tile_sizes(g: _Builder, q: str, k: str, kv_heads: int, tile: int) -> dict[s
     [1, h_kv, 0, h_d]; scalars batch and count T (the Loops' trip counts)."""
     align = g.const("align", [TILE_ALIGN])
     seq = g("Shape", [q], "seq", start=1, end=2)
-    count = g(
-        "Div",
-        [g("Add", [seq, g.const("tile_m1", [tile - 1])], "seq_up"), g.const("tile", [tile])],
-        "count1",
-    )
-    per_tile = g(
-        "Div",
-        [g("Sub", [g("Add", [seq, count], "seq_plus"), g.const("one1", [1])], "seq_up2"), count],
-        "per_tile",
-    )
-    rows = g(
-        "Mul",
-        [
-            g(
-                "Div",
-                [g("Add", [per_tile, g.const("align_m1", [TILE_ALIGN - 1])], "rows_up"), align],
-                "aligned",
-            ),
-            align,
-        ],
-        "rows",
-    )
-    head = g(
-        "Div", [g("Shape", [k], "k_width", start=2, end=3), g.const("kv_heads", [kv_heads])], "head"
-    )
+    seq_up = g("Add", [seq, g.const("tile_m1", [tile - 1])], "seq_up")
+    count = g("Div", [seq_up, g.const("tile", [tile])], "count1")  # ceil(s / tile)
+    seq_plus = g("Add", [seq, g("Sub", [count, g.const("one1", [1])], "count_m1")], "seq_plus")
+    per_tile = g("Div", [seq_plus, count], "per_tile")  # ceil(s / T)
+    rows_up = g("Add", [per_tile, g.const("align_m1", [TILE_ALIGN - 1])], "rows_up")
+    rows = g("Mul", [g("Div", [rows_up, align], "aligned"), align], "rows")
+    k_width = g("Shape", [k], "k_width", start=2, end=3)
+    head = g("Div", [k_width, g.const("kv_heads", [kv_heads])], "head")
     zero = g.const("zero", [0])
     empty = g("Concat", [g.const("empty_lead", [1, kv_heads, 0]), head], "empty_shape", axis=0)
     return {
@@ -293,7 +292,7 @@ def _pad_rows(g: _Builder, x: str, label: str, sizes) -> str:
     return g("Pad", [x, pads], f"{label}_padded")
 
 
-def _row_body(p: str, node, sizes, q, k, v, attrs) -> onnx.GraphProto:
+def _row_body(p: str, sizes, q, k, v, attrs) -> onnx.GraphProto:
     """The outer Loop's body for batch row r: the tile Loop over that row, [T * t, h * h_d]."""
     r = _Builder(p + "r_")
     row = r("Unsqueeze", [r.name("row"), r.const("zero", [0])], "row1")
@@ -342,16 +341,11 @@ def _tile_body(p: str, sizes, row_inputs, attrs) -> onnx.GraphProto:
         b("Slice", [x, start, stop, axis1], f"{n}_tile")
         for x, n in zip(row_inputs, "qkv", strict=True)
     )
-    keys, values = b.name("past_keys"), b.name("past_values")
-    window = attrs.get("local_window_size", -1)
-    if window > 0:  # the kernel sees keys i - window < j <= i: the last window - 1 suffice
-        reach, end, axis2 = (
-            b.const("reach", [1 - window]),
-            b.const("end", [2**62]),
-            b.const("axis2", [2]),
-        )
-        keys = b("Slice", [keys, reach, end, axis2], "window_keys")
-        values = b("Slice", [values, reach, end, axis2], "window_values")
+    # The kernel sees keys i - window < j <= i: the last window - 1 before the tile suffice.
+    reach = b.const("reach", [1 - attrs["local_window_size"]])
+    end, axis2 = b.const("end", [2**62]), b.const("axis2", [2])
+    keys = b("Slice", [b.name("past_keys"), reach, end, axis2], "window_keys")
+    values = b("Slice", [b.name("past_values"), reach, end, axis2], "window_values")
     past = b("Shape", [keys], "past", start=2, end=3)
     total = b("Add", [past, sizes["rows"]], "total")
     last = b("Cast", [b("Sub", [total, b.const("one", [1])], "last")], "seqlens", to=INT32)

@@ -160,10 +160,16 @@ def _tile_body(model):
     return next(n for n in body.node if n.op_type == "Loop").attribute[0].g
 
 
-def test_a_window_reads_only_the_keys_it_reaches():
-    body = _tile_body(tile_queries(gqa_model(window=5), tile=32))
-    slices = [n for n in body.node if n.op_type == "Slice" and "window" in n.output[0]]
-    assert len(slices) == 2  # the last window - 1 keys and values carried
+@pytest.mark.parametrize("window", [2, 5, 300])
+def test_a_window_hands_the_kernel_only_the_last_window_minus_one_keys(window):
+    body = _tile_body(tile_queries(gqa_model(window=window), tile=32))
+    gqa = next(n for n in body.node if n.op_type == "GroupQueryAttention")
+    producers = {o: n for n in body.node for o in n.output}
+    for past in gqa.input[3:5]:
+        cut = producers[past]
+        assert cut.op_type == "Slice" and cut.input[0] in [i.name for i in body.input]
+        start = producers[cut.input[1]]
+        assert numpy_helper.to_array(start.attribute[0].t).tolist() == [1 - window]
 
 
 def test_the_tile_size_is_checked():
@@ -192,8 +198,30 @@ def _with_attr(name, value):
     return change
 
 
-def _output_used(model):
-    model.graph.output.append(helper.make_tensor_value_info("present_key", FLOAT, None))
+def _output_used(index, name):
+    def change(model):
+        gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+        while len(gqa.output) <= index:
+            gqa.output.append("")
+        gqa.output[index] = name
+        model.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
+
+    return change
+
+
+def _producer(model, name):
+    return next(n for n in model.graph.node if name in n.output)
+
+
+def _minus_two(model):
+    sub = _producer(model, "last")
+    model.graph.node.append(_const("two_again", [2]))
+    sub.input[1] = "two_again"
+
+
+def _total_of_another_length(model):
+    squeeze = _producer(model, "n0")
+    squeeze.input[0] = "batch"
 
 
 def _seqlens_from_elsewhere(model):
@@ -208,17 +236,24 @@ def _key_without_value(model):
 
 REJECTIONS = {
     "past": (_with_input(3, "past_key"), "the node has a past key/value input"),
-    "cos cache": (_with_input(7, "cos"), "the node applies rotary embeddings itself"),
-    "do_rotary": (_with_attr("do_rotary", 1), "the node applies rotary embeddings itself"),
-    "bias": (_with_input(10, "bias"), "the node has an attention_bias input"),
+    "cos cache": (_with_input(7, "cos"), r"do not pass on: \['cos_cache'\]"),
+    "do_rotary": (_with_attr("do_rotary", 1), "do not pass on: do_rotary"),
+    "bias": (_with_input(10, "bias"), r"do not pass on: \['attention_bias'\]"),
+    "head sink": (_with_input(11, "sink"), r"do not pass on: \['head_sink'\]"),
     "softcap": (_with_attr("softcap", 30.0), "the node uses softcap or smooth softmax"),
     "smooth": (_with_attr("smooth_softmax", 1), "the node uses softcap or smooth softmax"),
+    "qk output": (
+        _with_attr("qk_output", 1),
+        r"attributes the tiles do not carry: \['qk_output'\]",
+    ),
     "no window": (_with_attr("local_window_size", -1), "the node has no causal window"),
     "window 1": (_with_attr("local_window_size", 1), "window of 1 keys leaves no past to carry"),
-    "no scale": (_with_attr("scale", 0.0), "the node has no scale attribute"),
     "no value": (_key_without_value, "a key without a value, or a value without a key"),
-    "present used": (_output_used, "present key/value outputs are used \\('present_key'\\)"),
-    "seqlens": (_seqlens_from_elsewhere, "seqlens_k is not total_sequence_length - 1"),
+    "present used": (_output_used(1, "present_key"), r"outputs besides .* \('present_key'\)"),
+    "qk used": (_output_used(3, "output_qk"), r"outputs besides .* \('output_qk'\)"),
+    "no Expand": (_seqlens_from_elsewhere, "seqlens_k is not total_sequence_length - 1"),
+    "minus two": (_minus_two, "seqlens_k is not total_sequence_length - 1"),
+    "two lengths": (_total_of_another_length, "seqlens_k is not total_sequence_length - 1"),
 }
 
 
@@ -254,7 +289,38 @@ def test_graphs_without_the_pattern_are_returned_unchanged():
     assert tile_queries(model) is model
 
 
-def test_a_kernel_inside_a_subgraph_is_rewritten():
+def test_the_one_may_be_an_initializer_or_value_ints():
+    model = gqa_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "one_init"))
+    _producer(model, "last").input[1] = "one_init"
+    assert tile_queries_result(model).rewritten == ("gqa",)
+    model = gqa_model()
+    ints = helper.make_node("Constant", [], ["one_ints"], value_ints=[1])
+    model.graph.node.insert(0, ints)
+    _producer(model, "last").input[1] = "one_ints"
+    assert tile_queries_result(model).rewritten == ("gqa",)
+
+
+def test_two_kernels_in_one_graph_are_both_rewritten():
+    model = gqa_model()
+    first = model.graph.node[-1]
+    second = onnx.NodeProto()
+    second.CopyFrom(first)
+    second.name, second.input[0] = "gqa2", "y"  # attends over the first one's output as queries
+    second.output[:] = ["y2", "", ""]
+    first.output[1:] = ["", ""]
+    model.graph.node.append(second)
+    model.graph.output[0].name = "y2"
+    result = tile_queries_result(model, tile=16)
+    assert result.rewritten == ("gqa", "gqa2")
+    feed = _feed(2, 40, 4, 2, 8)
+    inner = causal_attention(**feed, heads=4, kv_heads=2, window=6)
+    expected = causal_attention(inner.astype(np.float32), feed["k"], feed["v"], 4, 2, window=6)
+    np.testing.assert_allclose(_run(result.model, feed), expected, atol=5e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("branch_taken", [True, False], ids=["then", "else"])
+def test_a_kernel_inside_a_subgraph_is_rewritten(branch_taken):
     inner = gqa_model()
     lengths, gqa = list(inner.graph.node[:-1]), inner.graph.node[-1]
     gqa.output[0] = "branch_y"
@@ -266,7 +332,7 @@ def test_a_kernel_inside_a_subgraph_is_rewritten():
         "Constant",
         [],
         ["flag"],
-        value=helper.make_tensor("flag", onnx.TensorProto.BOOL, [], [True]),
+        value=helper.make_tensor("flag", onnx.TensorProto.BOOL, [], [branch_taken]),
     )
     del inner.graph.node[:]
     inner.graph.node.extend([*lengths, flag, choose])
@@ -296,6 +362,12 @@ def test_the_zoo_window_over_many_tiles_matches_torch(sliding_fused, seq):
         expected = spec.module(**feed, **spec.forward_kwargs).numpy()
     arrays = {k: v.numpy() for k, v in feed.items()}
     np.testing.assert_allclose(_run(tiled, arrays), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_tiled_alone_is_built_from_the_fused_graph_it_does_not_keep():
+    spec = spec_from_zoo(zoo.get("sliding_window"))
+    result = run_pipeline(spec, out=None, grid=[dict(spec.example)], variants=("tiled",))
+    assert set(result.variants) == {"base", "tiled"}
 
 
 def test_only_windowed_zoo_bundles_carry_a_tiled_variant(zoo_bundles):
