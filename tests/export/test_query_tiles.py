@@ -177,15 +177,22 @@ def test_the_tile_size_is_checked():
         tile_queries(gqa_model(), tile=24)
 
 
-def _with_input(index, name):
+def _wired(side: str, index: int, name: str):
+    """A change that connects the kernel's input or output ``index`` to a graph input or
+    output ``name`` ("input" or "output" side)."""
+
     def change(model):
         gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
-        while len(gqa.input) <= index:
-            gqa.input.append("")
-        gqa.input[index] = name
-        model.graph.input.append(helper.make_tensor_value_info(name, FLOAT, None))
+        names = getattr(gqa, side)
+        names.extend([""] * (index + 1 - len(names)))
+        names[index] = name
+        getattr(model.graph, side).append(helper.make_tensor_value_info(name, FLOAT, None))
 
     return change
+
+
+def _with_input(index, name):
+    return _wired("input", index, name)
 
 
 def _with_attr(name, value):
@@ -199,14 +206,7 @@ def _with_attr(name, value):
 
 
 def _output_used(index, name):
-    def change(model):
-        gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
-        while len(gqa.output) <= index:
-            gqa.output.append("")
-        gqa.output[index] = name
-        model.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
-
-    return change
+    return _wired("output", index, name)
 
 
 def _producer(model, name):
