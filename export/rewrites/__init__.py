@@ -61,6 +61,11 @@ class RewriteResult:
     rejected: tuple[Rejected, ...] = ()
 
 
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """The node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def node_name(node: onnx.NodeProto, index: int) -> str:
     """The node's name, or op type and position in its graph when it has none."""
     return node.name or f"{node.op_type} #{index}"

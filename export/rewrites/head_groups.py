@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import Rejected, RewriteResult, node_name
+from . import Rejected, RewriteResult, node_attrs, node_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +109,10 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _match(graph, node, groups: int) -> dict | str:
     """{x, chains, weights, biases, heads, kv_heads, head_dim} for a node the rewrite serves,
     else the reason it does not serve it."""
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
     if heads % groups:
         return f"num_heads {heads} is not a multiple of {groups} groups"
@@ -317,7 +313,7 @@ def _length_nodes(x: str, p: str) -> list[onnx.NodeProto]:
 
 
 def _gqa_attrs(node, heads: int, kv_heads: int) -> dict:
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     attrs.update(num_heads=heads, kv_num_heads=kv_heads)
     return attrs
 

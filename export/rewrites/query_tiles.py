@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import Rejected, RewriteResult, node_name
-from .head_groups import remove_dead_nodes, subgraphs, used_names
+from . import Rejected, RewriteResult, node_attrs, node_name
+from .head_groups import FLOAT, GQA, remove_dead_nodes, subgraphs, used_names
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 # tiles of 128 and 256 ran alike and 512 was slower; 256 keeps the call count down.
 TILE = 256
 TILE_ALIGN = 16  # tiles are a multiple of this many rows
-GQA = ("com.microsoft", "GroupQueryAttention")
-FLOAT = onnx.TensorProto.FLOAT
 INT64 = onnx.TensorProto.INT64
 INT32 = onnx.TensorProto.INT32
 # GroupQueryAttention's inputs (onnxruntime 1.32); the tiles pass on the first seven only.
@@ -120,15 +118,11 @@ def _producers(graph: onnx.GraphProto) -> dict:
     return made
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _reason_to_leave(node, producers, used) -> str:
     """Why the node is not windowed causal self-attention the tiles compute the same; "" when
     it is."""
     inputs = list(node.input) + [""] * (len(GQA_INPUTS) - len(node.input))
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     if any(inputs[i] for i in PAST):
         return "the node has a past key/value input"
     extra = [GQA_INPUTS[i] for i in range(FIRST_EXTRA_INPUT, len(inputs)) if inputs[i]]
@@ -221,7 +215,7 @@ class _Builder:
 
 def _replace(graph, node, tile: int, prefix: str) -> None:
     """Put the row and tile Loops where node was; the last one writes node's output name."""
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
     g = _Builder(prefix)
     q, k, v = _separate(g, node, heads, kv_heads)
