@@ -19,10 +19,10 @@ attnx Runner's session options (runtime/_session.py) and torch.set_num_threads t
 - transformers: transformers 5.24's experimental `OnnxExporter` with `ort_fusions="cpu"`.
 
 Inputs are attnx's for these models: ids in the vocabulary, padding masks with right- and
-left-padded rows (batch 1: no padding). Each graph is timed right after a block of eager
-calls (see paired_ms): a cell is the graph's median, its ratio that median over the median of
-the eager block just before it, so drift in the machine's speed from one graph to the next
-cancels.
+left-padded rows (batch 1: no padding). Each point runs in rounds (--rounds, see
+timed_rounds): in each, every graph is timed right after a block of eager calls, and the
+graphs take turns going first. A cell is the median over rounds of the graph's block medians,
+its ratio the median over rounds of graph / the eager block just before it.
 Every graph's output is compared with eager's on the positions a model defines (left-padded
 causal rows left out); the max abs error is in the JSON. Writes hf_bench.json, hf_bench.md and
 hf_bench.png under benchmarks/results/<cpu kind>/.
@@ -67,6 +67,9 @@ TARGET_RATIO = 0.8
 VOCAB = 8192
 # optimum-onnx 0.1.0 needs transformers < 4.58; accelerate lets it share GPT-2's tied weights.
 OPTIMUM_PINS = ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", "onnx", "accelerate"]
+# onnxruntime op types whose kernel time kernel_shares counts as GEMM or as attention.
+GEMM_OPS = {"MatMul", "Gemm", "FusedMatMul"}
+ATTENTION_KERNELS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 COLUMNS = ("attnx best", "attnx base", "optimum", "optimum O2", "transformers")
 PEERS = ("optimum", "optimum O2", "transformers")
 
@@ -171,12 +174,11 @@ def optimum_graphs(python: Path, folder: Path, task: str, work: Path) -> dict[st
 # --- timing ------------------------------------------------------------------------------------
 
 
-def make_session(model, threads: int):
-    options = session_options(ROOT, threads=threads)
-    data = model if isinstance(model, onnx.ModelProto) else None
-    if data is not None:
-        return ort.InferenceSession(data.SerializeToString(), options, providers=[CPU])
-    return ort.InferenceSession(str(model), options, providers=[CPU])
+def make_session(model, threads: int, options=None):
+    """A CPU session under the Runner's session options, of a ModelProto or an .onnx path."""
+    options = options or session_options(ROOT, threads=threads)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, options, providers=[CPU])
 
 
 def graph_feed(session, feed: dict) -> dict[str, np.ndarray]:
@@ -223,11 +225,11 @@ def max_abs(got: np.ndarray, want: np.ndarray, undefined) -> float:
     return float(np.abs(got.astype(np.float64) - want)[keep].max())
 
 
-def bench_point(spec, point, models, threads: int, budget_s: float) -> dict:
-    """Eager and every graph at one point, timed in pairs (see paired_ms). One session is alive
+def bench_point(spec, point, models, args) -> dict:
+    """Eager and every graph at one point, in rounds (see timed_rounds). One session is alive
     at a time, so each arena holds one peak; a graph that fails here (out of memory under the
     address-space cap) is noted."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     feed = spec.make_inputs(point)
     model = spec.module.model
     output = spec.output_names[0]
@@ -239,33 +241,86 @@ def bench_point(spec, point, models, threads: int, budget_s: float) -> dict:
     want = eager().numpy()
     undefined = spec.undefined(feed, {output: want}).get(output) if spec.undefined else None
     row = {"point": point, "ms": {}, "pair_ratio": {}, "max_abs": {}, "failed": {}}
-    row["gflop"], eager_samples = model_flops(spec, feed) / 1e9, []
-    for name, graph in models.items():
-        try:
-            session = make_session(graph, threads)
-            inputs = graph_feed(session, feed)
-            first = session.get_outputs()[0].name
-            row["max_abs"][name] = max_abs(session.run([first], inputs)[0], want, undefined)
-            run = functools.partial(session.run, [first], inputs)
-            eager_ms, graph_ms = paired_ms(eager, run, budget_s)
-        except (MemoryError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
-            row["failed"][name] = str(err).splitlines()[0][:200]
-            continue
-        finally:
-            session = None  # the arena goes before the next graph's session
-        eager_samples += eager_ms
-        row["ms"][name] = statistics.median(graph_ms)
-        row["pair_ratio"][name] = row["ms"][name] / statistics.median(eager_ms)
+    row["gflop"] = model_flops(spec, feed) / 1e9
+
+    def graph_call(name):
+        session = make_session(models[name], args.threads)
+        inputs = graph_feed(session, feed)
+        first = session.get_outputs()[0].name
+        if name not in row["max_abs"]:
+            got = session.run([first], inputs)[0]
+            row["max_abs"][name] = max_abs(got, want, undefined)
+        return functools.partial(session.run, [first], inputs)
+
+    pairs = timed_rounds(eager, graph_call, list(models), args.rounds, args.budget, row["failed"])
+    eager_samples = []
+    for name, rounds in pairs.items():
+        eager_samples += [e for e, _ in rounds]
+        row["ms"][name] = statistics.median(g for _, g in rounds)
+        row["pair_ratio"][name] = statistics.median(g / e for e, g in rounds)
     row["eager_ms"] = statistics.median(eager_samples)
     return row
 
 
-def paired_ms(eager, graph, budget_s: float) -> tuple[list[float], list[float]]:
+def timed_rounds(eager, graph_call, names, rounds: int, budget_s: float, failed: dict) -> dict:
+    """{graph: [(eager ms, graph ms) per round]}. In each round every graph is timed right after
+    its own block of eager calls (paired_ms), and the order of the graphs turns by one from
+    round to round, so a drift in the machine's speed falls on every graph alike and graphs
+    can be compared by their own medians. graph_call(name) makes the graph's session and
+    returns its call; the session goes before the next graph's is made."""
+    pairs = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name in failed:
+                continue
+            try:
+                eager_ms, graph_ms = paired_ms(eager, graph_call(name), budget_s / rounds)
+            except (MemoryError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
+                failed[name] = str(err).splitlines()[0][:200]
+                pairs.pop(name, None)
+                continue
+            pairs[name].append((eager_ms, graph_ms))
+    return pairs
+
+
+def paired_ms(eager, graph, budget_s: float) -> tuple[float, float]:
     """(eager ms, graph ms): a block of eager calls, then a block of graph calls, each a median
     after a warm-up call (bench.median_ms), half the budget each. Blocks, not alternate calls:
     torch's and onnxruntime's thread pools each spin a while after a call, so alternating
     calls would time each side against the other's spinning threads."""
-    return [median_ms(eager, budget_s / 2)], [median_ms(graph, budget_s / 2)]
+    return median_ms(eager, budget_s / 2), median_ms(graph, budget_s / 2)
+
+
+def kernel_shares(model, feed: dict, threads: int) -> dict[str, float]:
+    """Shares of one call's kernel time (onnxruntime's profiler, after a warm-up call) in GEMMs
+    (MatMul, Gemm, FusedMatMul), in attention kernels, and in everything else."""
+    options = session_options(ROOT, threads=threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="attnx-hf-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = make_session(model, threads, options)
+        inputs = graph_feed(session, feed)
+        session.run(None, inputs)
+        session.run(None, inputs)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return shares_of_last_run(events)
+
+
+def shares_of_last_run(events: list[dict]) -> dict[str, float]:
+    """{gemm, attention, other}: shares of the kernel time of the last model_run in a profile."""
+    runs = [e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    start = max(runs, default=0)
+    totals = dict.fromkeys(("gemm", "attention", "other"), 0.0)
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if event["ts"] < start:
+            continue
+        op = event["args"]["op_name"]
+        kind = "gemm" if op in GEMM_OPS else "attention" if op in ATTENTION_KERNELS else "other"
+        totals[kind] += event["dur"]
+    whole = sum(totals.values()) or 1.0
+    return {kind: value / whole for kind, value in totals.items()}
 
 
 def summarize(row: dict, attnx_variants: list[str], gemm: float) -> dict:
@@ -307,9 +362,12 @@ def bench_family(family: str, args, work: Path, python: Path | None, gemm: float
     for batch in args.batch:
         for seq in [s for s in args.seq if s <= limit]:
             point = {"batch": batch, "seq": seq}
-            row = bench_point(spec, point, models, args.threads, args.budget)
+            row = bench_point(spec, point, models, args)
             strict = [n for n in row["ms"] if n.startswith("attnx:") and n[6:] not in LOSSY]
             row = summarize(row, strict, gemm) | {"family": family, "task": task}
+            if strict:
+                best = models[row["attnx_best_variant"]]
+                row["best_shares"] = kernel_shares(best, spec.make_inputs(point), args.threads)
             row["export_s"], row["dropped"] = round(export_s, 1), dropped
             print(f"  {line(row)}", flush=True)
             rows.append(row)
@@ -344,22 +402,27 @@ def report_header(title: str, meta: dict) -> list[str]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        *report_header("Hugging Face models: torch eager, attnx, Optimum, transformers' exporter",
-                       meta),
+        *report_header(
+            "Hugging Face models: torch eager, attnx, Optimum, transformers' exporter", meta
+        ),
         "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192; "
-        "inputs with right- and left-padded rows at batch 8. Cells: median ms (ratio to "
-        "the eager block timed just before each, below 1.00 is faster); *eager ms* is the "
-        "median over those blocks. *best*: attnx's fastest variant that passed its parity "
+        "inputs with right- and left-padded rows at batch 8. Cells: median ms over "
+        f"{meta.get('rounds', 1)} rounds (ratio to the eager block timed just before each, "
+        "median over rounds; below 1.00 is faster); *eager ms* is the median over those "
+        "blocks. *best*: attnx's fastest variant that passed its parity "
         f"(int8 excluded). Target: best <= {TARGET_RATIO}x eager and <= every peer column.",
         "",
         f"GEMM ceiling (4096^3 fp32 matmul, same run): {meta['gemm_gflops']:.0f} GFLOP/s; "
         "*GFLOP/s* is attnx best's rate on the FLOPs the model must do (causal attention: "
-        "half the scores).",
+        "half the scores). *GEMM / attention / other*: shares of attnx best's kernel time in "
+        "onnxruntime's profiler (MatMul, Gemm, FusedMatMul / attention kernels / the rest); "
+        "*GEMM alone*: the ratio to eager its GEMMs alone take, which no change outside "
+        "the GEMMs can go below.",
         "",
         "| family | batch | seq | eager ms | "
         + " | ".join(COLUMNS)
-        + " | best | GFLOP/s (% GEMM) | target |",
-        "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|",
+        + " | best | GFLOP/s (% GEMM) | GEMM / attention / other | GEMM alone | target |",
+        "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -374,6 +437,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             + " | ".join(cells)
             + f" | {r['attnx_best_variant'].removeprefix('attnx:')} | "
             + f"{r['best_gflops']:.0f} ({r['best_pct_gemm']:.0f}%) | "
+            + _bound(r)
             + ("yes" if r["meets_target"] else "**MISS**")
             + " |"
         )
@@ -386,6 +450,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + "."
     )
     return "\n".join(lines) + "\n"
+
+
+def _bound(row: dict) -> str:
+    """The best graph's kernel time by kind, and the ratio to eager its GEMMs alone take."""
+    shares = row.get("best_shares")
+    if not shares:
+        return "- | - | "
+    kinds = " / ".join(f"{100 * shares[k]:.0f}%" for k in ("gemm", "attention", "other"))
+    return f"{kinds} | {shares['gemm'] * row['ratios']['attnx best']:.2f}x | "
 
 
 def _cell(row: dict, column: str) -> str:
@@ -491,6 +564,9 @@ def main() -> None:
     parser.add_argument("--seq", default="128,512,2048")
     peer_args(parser, name="hf_bench", budget=4.0)
     parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over the graphs at each point (timed_rounds)"
+    )
+    parser.add_argument(
         "--render", metavar="JSON", help="only rewrite the .md and .png of a recorded JSON"
     )
     args = parser.parse_args()
@@ -502,7 +578,7 @@ def main() -> None:
     out, python, meta = peer_setup(args, "hf_bench.py")
     rows = []
     gemm = gemm_gflops(args.threads)
-    meta["gemm_gflops"] = gemm
+    meta["gemm_gflops"], meta["rounds"] = gemm, args.rounds
     with tempfile.TemporaryDirectory(prefix="attnx-hf-bench-") as tmp:
         for family in args.families.split(","):
             rows += bench_family(family, args, Path(tmp), python, gemm)

@@ -1,0 +1,93 @@
+"""benchmarks/hf_bench.py's timing rounds and its kernel-time shares: every graph gets a turn
+at going first, a graph that fails is dropped with its reason, and the shares come from
+onnxruntime's own profile of one call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import hf_bench  # noqa: E402
+import torch  # noqa: E402
+
+
+def test_rounds_turn_the_order_and_drop_a_failing_graph():
+    made = []
+
+    def graph_call(name):
+        made.append(name)
+        if name == "bad":
+            raise ort.capi.onnxruntime_pybind11_state.Fail("out of memory in the arena")
+        return lambda: None
+
+    failed = {}
+    pairs = hf_bench.timed_rounds(lambda: None, graph_call, ["a", "b", "bad"], 3, 0.003, failed)
+    assert made == ["a", "b", "bad", "b", "a", "a", "b"]  # round 2 would start with "bad"
+    assert set(pairs) == {"a", "b"}
+    assert all(len(rounds) == 3 for rounds in pairs.values())
+    assert all(e > 0 and g > 0 for rounds in pairs.values() for e, g in rounds)
+    assert failed == {"bad": "out of memory in the arena"}
+
+
+def _embedding_matmul_relu():
+    table = np.arange(32 * 16, dtype=np.float32).reshape(32, 16) / 512
+    weight = np.eye(16, dtype=np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "weight"], ["m"]),
+        helper.make_node("Relu", ["m"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "weight")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_kernel_shares_come_from_the_profile_of_one_call():
+    ids = torch.arange(64).reshape(2, 32) % 32
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shares = hf_bench.kernel_shares(_embedding_matmul_relu(), feed, threads=1)
+    assert shares["gemm"] > 0 and shares["other"] > 0  # MatMul; Gather and Relu
+    assert shares["attention"] == 0
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def _node(op: str, ts: int, dur: int) -> dict:
+    return {
+        "cat": "Node",
+        "name": f"{op}_kernel_time",
+        "ts": ts,
+        "dur": dur,
+        "args": {"op_name": op},
+    }
+
+
+def test_only_the_last_run_counts():
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 100},
+        _node("MatMul", 1, 90),  # the warm-up call
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100},
+        _node("MatMul", 201, 30),
+        _node("GroupQueryAttention", 240, 50),
+        _node("Softmax", 290, 20),
+    ]
+    assert hf_bench.shares_of_last_run(events) == {"gemm": 0.3, "attention": 0.5, "other": 0.2}
+
+
+def test_the_table_says_what_the_gemms_alone_take():
+    row = {"best_shares": {"gemm": 0.8, "attention": 0.05, "other": 0.15}}
+    row["ratios"] = {"attnx best": 0.9}
+    assert hf_bench._bound(row) == "80% / 5% / 15% | 0.72x | "
+    assert hf_bench._bound({"ratios": {}}) == "- | - | "
