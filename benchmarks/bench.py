@@ -50,14 +50,17 @@ SLOW_RATIO = 3.0  # a variant whose first call takes this many times eager's (an
 # timing budget) is timed once: at batch 8, seq 4096 such calls take 10-20 s each
 
 
-def median_ms(fn, budget_s: float, min_reps: int = 3, max_reps: int = 25) -> float:
-    """Median wall time of fn() after one warm-up call; reps fit in about budget_s."""
+def median_ms(
+    fn, budget_s: float, min_reps: int = 3, max_reps: int = 25, long_reps: int = 2
+) -> float:
+    """Median wall time of fn() after one warm-up call; reps fit in about budget_s, and a call
+    longer than the whole budget gets long_reps more."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
     reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
     if first > budget_s:
-        reps = 2  # seconds-long calls: two more are enough for a median of three
+        reps = long_reps  # seconds-long calls: two more are enough for a median of three
     times = [first]
     for _ in range(reps):
         start = time.perf_counter()
