@@ -15,7 +15,7 @@ Each variant is a separate ONNX file with its own providers, tolerance and parit
   H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
 - ``tiled``: the fused graph with its causal sliding-window GroupQueryAttention called once per
   tile of queries over the keys the tile's window reaches (export/rewrites/query_tiles.py):
-  one call over the prompt scores the full s x s square whatever the window.
+  one call over the prompt scores the causal half whatever the window.
 - ``int8``: dynamic int8 quantization of the fused graph's MatMuls (7-bit weights per channel,
   exact on CPUs with and without VNNI), the head-group Loop's projections included.
 - ``fp16``: the fused graph in float16 with float32 inputs and outputs, for CUDA only.

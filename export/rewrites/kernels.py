@@ -3,9 +3,11 @@
 ``attnx::attention`` becomes
 - com.microsoft.GroupQueryAttention when causal: it never builds an s x s mask (a causal window
   is its local_window_size; an ALiBi, T5 or Transformer-XL score bias its attention_bias
-  input). Its CUDA kernel skips the masked half; its CPU kernel scores every query against
-  every key of a prompt, window or not (the ``tiled`` variant, export/rewrites/query_tiles.py,
-  calls it per tile of queries where a window makes that pay);
+  input). Both its CUDA kernel and its CPU flash path skip the key blocks above the diagonal;
+  the CPU path runs only when the present key/value outputs exist, so the lowering keeps them
+  even where nothing reads them. The CPU path scores every key block before a causal window
+  too and masks it afterwards (the ``tiled`` variant, export/rewrites/query_tiles.py, calls it
+  per tile of queries where a window makes that pay);
 - com.microsoft.MultiHeadAttention otherwise: without a mask or bias input it takes the flash
   path (MLAS flash attention on CPU), which keeps no s x s score tensor either. A score bias
   (bidirectional T5 or ALiBi) is its attention_bias input, [1, h, s, s_kv], broadcast over the

@@ -1,16 +1,17 @@
 """Causal sliding-window attention over query tiles (the ``tiled`` variant).
 
-onnxruntime's CPU GroupQueryAttention, called on a whole prompt, scores every query against
-every key and masks afterwards: a causal window of w keys saves none of the s x s work (d 512,
-8 heads, seq 4096: a window of 64 costs what full causal attention costs). The same kernel
+onnxruntime's CPU GroupQueryAttention, called on a whole prompt, stops each block of queries
+at the diagonal but scores every key block before a causal window and masks it afterwards: a
+window of w keys saves none of the causal half's work (d 512, 8 heads, seq 4096: a window of 64
+costs what plain causal attention costs). The same kernel
 called with a past is bottom-right causal: its queries sit after the past. So this rewrite cuts
 the prompt into tiles of queries and calls the kernel once per tile, in an ONNX Loop that
 carries the keys and values seen so far (its present output) and hands it the last
 ``window - 1`` of them as its past: each tile scores t rows against t + w - 1 keys, so the work
 grows with s * (t + w), not s * s.
 
-Without a window the tiles would skip the masked half, but each call over a past runs at about a
-third of the kernel's per-FLOP rate on a whole prompt, so that Loop is slower (NO_WINDOW).
+Without a window the tiles score what the one call scores, and the Loop's calls over a past
+take 1.5x its time (NO_WINDOW).
 
 The kernel takes a prompt over a past for one batch row at a time, so an outer Loop runs the
 rows. The sequence is cut into T = ceil(s / TILE) tiles of equal size (a multiple of

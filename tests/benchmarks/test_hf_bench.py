@@ -91,3 +91,18 @@ def test_the_table_says_what_the_gemms_alone_take():
     row["ratios"] = {"attnx best": 0.9}
     assert hf_bench._bound(row) == "80% / 5% / 15% | 0.72x | "
     assert hf_bench._bound({"ratios": {}}) == "- | - | "
+
+
+def _row(ms: dict, ratio: dict) -> dict:
+    return {"ms": ms, "pair_ratio": ratio, "gflop": 1.0}
+
+
+def test_the_best_is_the_fastest_and_must_beat_eager_and_every_peer():
+    ms = {"attnx:base": 90.0, "attnx:fused": 80.0, "optimum": 85.0, "transformers": 95.0}
+    ratio = {"attnx:base": 0.70, "attnx:fused": 0.75, "optimum": 0.8, "transformers": 0.9}
+    row = hf_bench.summarize(_row(ms, ratio), ["attnx:base", "attnx:fused"], gemm=100.0)
+    assert row["attnx_best_variant"] == "attnx:fused" and row["meets_target"]
+    slower = hf_bench.summarize(_row(ms | {"optimum": 79.0}, ratio), ["attnx:fused"], gemm=100.0)
+    assert not slower["meets_target"]  # a peer took less time
+    over = hf_bench.summarize(_row(ms, ratio | {"attnx:fused": 0.81}), ["attnx:fused"], gemm=100.0)
+    assert not over["meets_target"]  # above 0.8x eager

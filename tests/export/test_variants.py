@@ -14,6 +14,7 @@ from export._variants import INT8_TOLERANCE, build_variants, op_census
 from models import zoo
 from runtime import Runner, load_bundle
 from runtime._runner import choose_variant
+from tests.export.conftest import assert_gqa_keeps_present
 
 
 def _manifest(bundles, name):
@@ -28,6 +29,11 @@ def test_causal_self_attention_runs_on_a_kernel_that_never_builds_the_mask(zoo_b
     for op in ("Softmax", "Trilu", "Where", "MatMul"):
         assert op not in fused or op == "MatMul" and fused[op] <= 4  # projections only
     assert "Softmax" in notes["base"]["census"]
+
+
+@pytest.mark.parametrize("name", ["causal_self", "sliding_window", "gqa_rope", "decoder_lm"])
+def test_every_group_query_attention_keeps_its_present_outputs(zoo_bundles, name):
+    assert assert_gqa_keeps_present(zoo_bundles[name]) > 0
 
 
 @pytest.mark.parametrize("name", zoo.names())

@@ -31,6 +31,7 @@ from export._hf import (
     undefined_positions,
 )
 from runtime import load_bundle
+from tests.export.conftest import assert_gqa_keeps_present
 from tests.hf.conftest import BUILDERS, CAUSAL, POSITIONS, VOCAB, build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +99,11 @@ def test_attention_reaches_the_kernel(hf_exports, family):
     assert "Softmax" not in fused
     manifest = load_bundle(hf_exports[family].bundle).manifest
     assert manifest.extra["variants"]["fused"]["census"][KERNELS[family]] == 2
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if "GroupQuery" in KERNELS[f]])
+def test_group_query_attention_keeps_its_present_outputs(hf_exports, family):
+    assert assert_gqa_keeps_present(hf_exports[family].bundle) > 0
 
 
 def _reference(model, feed) -> dict[str, np.ndarray]:
