@@ -327,6 +327,11 @@ def shares_of_last_run(events: list[dict]) -> dict[str, float]:
     return {kind: value / whole for kind, value in totals.items()}
 
 
+def exact_variants(row: dict) -> list[str]:
+    """The attnx variants timed at this point that keep float32 parity (int8 is lossy)."""
+    return [n for n in row["ms"] if n.startswith("attnx:") and n[6:] not in LOSSY]
+
+
 def summarize(row: dict, attnx_variants: list[str], gemm: float) -> dict:
     if not attnx_variants:
         row.update(attnx_best_variant="none", columns={}, ratios={}, meets_target=False)
@@ -352,7 +357,8 @@ def summarize(row: dict, attnx_variants: list[str], gemm: float) -> dict:
     return row
 
 
-def bench_family(family: str, args, work: Path, python: Path | None, gemm: float) -> list[dict]:
+def family_graphs(family: str, work: Path, python: Path | None):
+    """(spec, task, {column key: graph}, export seconds, dropped variants) of one family."""
     folder, task = save_family(family, work)
     print(f"[{family}] exporting with attnx", flush=True)
     spec, graphs, export_s, dropped = attnx_graphs(folder, task, work)
@@ -362,21 +368,87 @@ def bench_family(family: str, args, work: Path, python: Path | None, gemm: float
     if python is not None:
         print(f"[{family}] exporting with optimum", flush=True)
         models.update(optimum_graphs(python, folder, task, work))
+    return spec, task, models, export_s, dropped
+
+
+def bench_family(family: str, args, work: Path, python: Path | None, gemm: float) -> list[dict]:
+    spec, task, models, export_s, dropped = family_graphs(family, work, python)
     limit = spec.dims["seq"][1]
     rows = []
     for batch in args.batch:
         for seq in [s for s in args.seq if s <= limit]:
             point = {"batch": batch, "seq": seq}
             row = bench_point(spec, point, models, args)
-            strict = [n for n in row["ms"] if n.startswith("attnx:") and n[6:] not in LOSSY]
-            row = summarize(row, strict, gemm) | {"family": family, "task": task}
-            if strict:
-                best = models[row["attnx_best_variant"]]
-                row["best_shares"] = kernel_shares(best, spec.make_inputs(point), args.threads)
+            row = summarize(row, exact_variants(row), gemm) | {"family": family, "task": task}
             row["export_s"], row["dropped"] = round(export_s, 1), dropped
+            check_best(row, spec, models, args)
             print(f"  {line(row)}", flush=True)
             rows.append(row)
     return rows
+
+
+def check_best(row: dict, spec, models: dict, args) -> None:
+    """The best graph's kernel-time shares, and a paired check against every peer whose median
+    came out faster: calls alternated one by one (paired_check)."""
+    best = row["attnx_best_variant"]
+    if best == "none":
+        return
+    feed = spec.make_inputs(row["point"])
+    if row.get("best_shares_variant") != best:
+        row["best_shares"] = kernel_shares(models[best], feed, args.threads)
+        row["best_shares_variant"] = best
+    mine = row["columns"]["attnx best"]
+    faster = [p for p in PEERS if row["columns"].get(p, float("inf")) < mine]
+    if faster:
+        row["peer_check"] = paired_check(feed, models, best, faster, args)
+
+
+def paired_check(feed: dict, models: dict, best: str, peers: list[str], args) -> dict:
+    """{peer: [q1, median, q3] of best's time / the peer's over rounds of one call each}. All the
+    sessions are alive and called one after another, the order turned each round, so both
+    sides of a ratio ran within a second of each other."""
+    calls = {}
+    for name in (best, *peers):
+        session = make_session(models[name], args.threads)
+        inputs = graph_feed(session, feed)
+        calls[name] = functools.partial(session.run, [session.get_outputs()[0].name], inputs)
+        calls[name]()  # warm-up: the arena's first allocation
+    times = alternated(calls, args.check_rounds)
+    return {
+        peer: statistics.quantiles(
+            [b / p for b, p in zip(times[best], times[peer], strict=True)], n=4
+        )
+        for peer in peers
+    }
+
+
+def alternated(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """{name: seconds of each round's call}, every call once a round, the order turned by one."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def check_recorded(path: Path, args, python: Path | None) -> None:
+    """check_best on every row of a recorded run, the graphs made again as the run made them
+    (the same seeded models and exporters), then the report written anew."""
+    record = json.loads(path.read_text())
+    families = dict.fromkeys(r["family"] for r in record["rows"])
+    with tempfile.TemporaryDirectory(prefix="attnx-hf-check-") as tmp:
+        for family in families:
+            spec, _, models, _, _ = family_graphs(family, Path(tmp), python)
+            for row in (r for r in record["rows"] if r["family"] == family):
+                summarize(row, exact_variants(row), record["meta"]["gemm_gflops"])
+                check_best(row, spec, models, args)
+                print(f"  {line(row)}", flush=True)
+    record["meta"]["check_command"] = "python benchmarks/hf_bench.py " + " ".join(sys.argv[1:])
+    path.write_text(json.dumps(record, indent=1))
+    render(path)
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -422,12 +494,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "half the scores). *GEMM / attention / other*: shares of attnx best's kernel time in "
         "onnxruntime's profiler (MatMul, Gemm, FusedMatMul / attention kernels / the rest); "
         "*GEMM alone*: the ratio to eager its GEMMs alone take, which no change outside "
-        "the GEMMs can go below.",
+        "the GEMMs can go below. *paired check*: where a peer's median came out below attnx "
+        "best's, attnx best's time over the peer's with the two sessions called one after "
+        "the other, round after round: the median and quartiles of that ratio (above 1.00: "
+        "the peer is faster)."
+        + (
+            f" Shares and paired checks: `{meta['check_command']}`."
+            if "check_command" in meta
+            else ""
+        ),
         "",
         "| family | batch | seq | eager ms | "
         + " | ".join(COLUMNS)
-        + " | best | GFLOP/s (% GEMM) | GEMM / attention / other | GEMM alone | target |",
-        "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|",
+        + " | best | GFLOP/s (% GEMM) | GEMM / attention / other | GEMM alone | target "
+        "| paired check |",
+        "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -444,7 +525,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             + f"{r['best_gflops']:.0f} ({r['best_pct_gemm']:.0f}%) | "
             + _bound(r)
             + ("yes" if r["meets_target"] else "**MISS**")
-            + " |"
+            + f" | {_paired(r)} |"
         )
     met = sum(r["meets_target"] for r in rows)
     lines += ["", f"{met} of {len(rows)} points meet the target.", ""]
@@ -464,6 +545,14 @@ def _bound(row: dict) -> str:
         return "- | - | "
     kinds = " / ".join(f"{100 * shares[k]:.0f}%" for k in ("gemm", "attention", "other"))
     return f"{kinds} | {shares['gemm'] * row['ratios']['attnx best']:.2f}x | "
+
+
+def _paired(row: dict) -> str:
+    """best / peer over alternated calls, median (quartiles), for each peer that came out faster."""
+    checks = row.get("peer_check", {})
+    return (
+        "; ".join(f"{p}: {m:.2f} ({lo:.2f}-{hi:.2f})" for p, (lo, m, hi) in checks.items()) or "-"
+    )
 
 
 def _cell(row: dict, column: str) -> str:
@@ -523,8 +612,7 @@ def render(path: Path) -> None:
     record = json.loads(path.read_text())
     meta, rows = record["meta"], record["rows"]
     for row in rows:
-        strict = [n for n in row["ms"] if n.startswith("attnx:") and n[6:] not in LOSSY]
-        summarize(row, strict, meta["gemm_gflops"])
+        summarize(row, exact_variants(row), meta["gemm_gflops"])
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     path.with_suffix(".md").write_text(markdown(rows, meta))
     plot(rows, path.with_suffix(".png"))
@@ -572,11 +660,21 @@ def main() -> None:
         "--rounds", type=int, default=3, help="rounds over the graphs at each point (timed_rounds)"
     )
     parser.add_argument(
+        "--check-rounds", type=int, default=15, help="rounds of the paired check (paired_check)"
+    )
+    parser.add_argument(
         "--render", metavar="JSON", help="only rewrite the .md and .png of a recorded JSON"
+    )
+    parser.add_argument(
+        "--check", metavar="JSON", help="run check_best on a recorded run's rows, then render it"
     )
     args = parser.parse_args()
     if args.render:
         render(Path(args.render))
+        return
+    if args.check:
+        _, python, _ = peer_setup(args, "hf_bench.py")
+        check_recorded(Path(args.check), args, python)
         return
     args.batch = [int(b) for b in args.batch.split(",")]
     args.seq = [int(s) for s in args.seq.split(",")]

@@ -106,3 +106,27 @@ def test_the_best_is_the_fastest_and_must_beat_eager_and_every_peer():
     assert not slower["meets_target"]  # a peer took less time
     over = hf_bench.summarize(_row(ms, ratio | {"attnx:fused": 0.81}), ["attnx:fused"], gemm=100.0)
     assert not over["meets_target"]  # above 0.8x eager
+
+
+def test_alternated_calls_each_once_a_round_in_turned_order():
+    order = []
+    calls = {name: (lambda n=name: order.append(n)) for name in ("best", "optimum", "o2")}
+    times = hf_bench.alternated(calls, rounds=3)
+    assert order == ["best", "optimum", "o2", "optimum", "o2", "best", "o2", "best", "optimum"]
+    assert {name: len(t) for name, t in times.items()} == {"best": 3, "optimum": 3, "o2": 3}
+
+
+def test_paired_check_gives_quartiles_of_best_over_each_faster_peer():
+    class Args:
+        threads, check_rounds = 1, 8
+
+    model = _embedding_matmul_relu()
+    ids = torch.arange(64).reshape(2, 32) % 32
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    models = {"attnx:base": model, "transformers": model}
+    checks = hf_bench.paired_check(feed, models, "attnx:base", ["transformers"], Args)
+    q1, median, q3 = checks["transformers"]
+    assert 0 < q1 <= median <= q3
+    row = {"peer_check": {"transformers": [0.9, 1.01, 1.2]}}
+    assert hf_bench._paired(row) == "transformers: 1.01 (0.90-1.20)"
+    assert hf_bench._paired({}) == "-"
