@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -37,10 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import session  # noqa: E402
-from kernel_tiles import HEAD_DIM, HEADS, block_ms, kernel_graph  # noqa: E402
-from machine import cpu_kind, results_dir  # noqa: E402
-
-from runtime._cpu import cpu_features  # noqa: E402
+from kernel_tiles import (  # noqa: E402
+    HEAD_DIM,
+    HEADS,
+    block_ms,
+    kernel_graph,
+    run_meta,
+    write_results,
+)
 
 CAUSAL_KERNELS = ("torch causal", "GQA causal", "GQA causal, no present")
 FULL_KERNELS = ("torch full", "MHA full")
@@ -169,17 +172,8 @@ def main(argv=None) -> int:
     for seq in (int(s) for s in args.seq.split(",")):
         rows[seq] = measure(seq, args.blocks, args.threads)
         print(seq, rows[seq], flush=True)
-    meta = {
-        "command": " ".join(["python benchmarks/attention_kernels.py", *(argv or sys.argv[1:])]),
-        "cpu_kind": cpu_kind(),
-        "cpu_features": " ".join(cpu_features()),
-        "threads": args.threads,
-    }
-    out = Path(args.out) if args.out else results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "attention_kernels.md").write_text(markdown(rows, meta))
-    print(f"wrote {out / 'attention_kernels'}.json, .md")
+    meta = run_meta("attention_kernels.py", argv, args.threads)
+    write_results("attention_kernels", rows, meta, markdown(rows, meta), args.out)
     return 0
 
 

@@ -163,19 +163,28 @@ def main(argv=None) -> int:
     for seq in (int(s) for s in args.seq.split(",")):
         rows[seq] = measure(seq, args.tile, args.blocks, args.threads)
         print(seq, rows[seq], flush=True)
-    meta = {
-        "command": " ".join(["python benchmarks/kernel_tiles.py", *(argv or sys.argv[1:])]),
+    meta = run_meta("kernel_tiles.py", argv, args.threads) | {"tile": args.tile}
+    write_results("kernel_tiles", rows, meta, markdown(rows, meta), args.out)
+    return 0
+
+
+def run_meta(script: str, argv, threads: int) -> dict:
+    """The command, the CPU kind and its kernel features, and the threads of a kernel run."""
+    return {
+        "command": " ".join([f"python benchmarks/{script}", *(argv or sys.argv[1:])]),
         "cpu_kind": cpu_kind(),
         "cpu_features": " ".join(cpu_features()),
-        "threads": args.threads,
-        "tile": args.tile,
+        "threads": threads,
     }
-    out = Path(args.out) if args.out else results_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_tiles.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "kernel_tiles.md").write_text(markdown(rows, meta))
-    print(f"wrote {out / 'kernel_tiles'}.json, .md")
-    return 0
+
+
+def write_results(name: str, rows: dict, meta: dict, report: str, out: str | None) -> None:
+    """NAME.json (meta and rows) and NAME.md under out, by default the CPU kind's folder."""
+    folder = Path(out) if out else results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (folder / f"{name}.md").write_text(report)
+    print(f"wrote {folder / name}.json, .md")
 
 
 if __name__ == "__main__":
