@@ -60,13 +60,13 @@ def median_ms(
     first = time.perf_counter() - start
     reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
     if first > budget_s:
-        reps = long_reps  # seconds-long calls: two more are enough for a median of three
+        reps = long_reps  # seconds-long calls: a few timed calls after the warm-up
     times = [first]
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] if len(times) > 2 else times) * 1e3
+    return statistics.median(times[1:]) * 1e3  # the warm-up call is never counted
 
 
 def gemm_gflops(threads: int) -> float:

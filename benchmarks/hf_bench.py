@@ -5,6 +5,7 @@ own exporter, on the same inputs, in one process, with the same threads.
                                                        # seq {128, 512, 2048} within positions
     python benchmarks/hf_bench.py --families llama --seq 128,512 --batch 1
     python benchmarks/hf_bench.py --optimum-venv DIR   # the venv Optimum runs in (made if absent)
+    python benchmarks/hf_bench.py --check JSON         # shares and paired checks of a recorded run
 
 Each family is a random-weight model built from a config (4 layers, d 512, 8 heads; Llama with
 4 kv heads), saved with save_pretrained. The columns, all timed here with onnxruntime under the
@@ -399,8 +400,12 @@ def check_best(row: dict, spec, models: dict, args) -> None:
         row["best_shares_variant"] = best
     mine = row["columns"]["attnx best"]
     faster = [p for p in PEERS if row["columns"].get(p, float("inf")) < mine]
-    if faster:
+    if not faster:
+        return
+    try:
         row["peer_check"] = paired_check(feed, models, best, faster, args)
+    except (MemoryError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
+        row["failed"]["peer check"] = str(err).splitlines()[0][:200]  # sessions alive at once
 
 
 def paired_check(feed: dict, models: dict, best: str, peers: list[str], args) -> dict:
