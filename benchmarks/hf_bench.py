@@ -507,7 +507,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f" Shares and paired checks: `{meta['check_command']}`."
             if "check_command" in meta
             else ""
-        ),
+        )
+        + "".join(f" Points measured again and replaced: `{c}`." for c in meta.get("reruns", [])),
         "",
         "| family | batch | seq | eager ms | "
         + " | ".join(COLUMNS)
@@ -673,6 +674,11 @@ def main() -> None:
     parser.add_argument(
         "--check", metavar="JSON", help="run check_best on a recorded run's rows, then render it"
     )
+    parser.add_argument(
+        "--into",
+        metavar="JSON",
+        help="replace these points' rows of a recorded run, then render it",
+    )
     args = parser.parse_args()
     if args.render:
         render(Path(args.render))
@@ -697,6 +703,22 @@ def main() -> None:
             (out / f"{args.name}.md").write_text(markdown(rows, meta))
     plot(rows, out / f"{args.name}.png")
     print(markdown(rows, meta))
+    if args.into:
+        merge_into(Path(args.into), rows, meta["command"])
+
+
+def merge_into(path: Path, rows: list[dict], command: str) -> None:
+    """The recorded run at path with the rows of the same family and point replaced by rows,
+    the command that measured them kept in its meta, and its report written anew."""
+    record = json.loads(path.read_text())
+    fresh = {(r["family"], json.dumps(r["point"], sort_keys=True)): r for r in rows}
+    record["rows"] = [
+        fresh.pop((r["family"], json.dumps(r["point"], sort_keys=True)), r) for r in record["rows"]
+    ]
+    record["rows"] += list(fresh.values())
+    record["meta"].setdefault("reruns", []).append(command)
+    path.write_text(json.dumps(record, indent=1))
+    render(path)
 
 
 if __name__ == "__main__":

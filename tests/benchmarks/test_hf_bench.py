@@ -4,6 +4,7 @@ onnxruntime's own profile of one call."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -130,3 +131,19 @@ def test_paired_check_gives_quartiles_of_best_over_each_faster_peer():
     row = {"peer_check": {"transformers": [0.9, 1.01, 1.2]}}
     assert hf_bench._paired(row) == "transformers: 1.01 (0.90-1.20)"
     assert hf_bench._paired({}) == "-"
+
+
+def test_a_rerun_replaces_only_its_points(tmp_path, monkeypatch):
+    def row(family, batch, ms):
+        return {"family": family, "point": {"batch": batch, "seq": 8}, "ms": {"attnx:base": ms}}
+
+    path = tmp_path / "hf_bench.json"
+    recorded = [row("bert", 1, 10.0), row("bert", 8, 80.0), row("llama", 8, 90.0)]
+    path.write_text(json.dumps({"meta": {"command": "first"}, "rows": recorded}))
+    rendered = []
+    monkeypatch.setattr(hf_bench, "render", rendered.append)
+    hf_bench.merge_into(path, [row("bert", 8, 70.0)], "python benchmarks/hf_bench.py --batch 8")
+    record = json.loads(path.read_text())
+    assert [r["ms"]["attnx:base"] for r in record["rows"]] == [10.0, 70.0, 90.0]
+    assert record["meta"]["reruns"] == ["python benchmarks/hf_bench.py --batch 8"]
+    assert rendered == [path]
