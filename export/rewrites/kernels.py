@@ -15,10 +15,19 @@
 
 A key-padding mask would need an s x s mask input, which forces the unfused path. attnx passes
 it as an extra head dimension instead: the score is a dot product, so a query column of ones
-and a key column of -1e9 at padded keys (0 elsewhere) mask exactly those keys. The value gets
-zero columns where the kernel wants one head size for q, k and v (GQA, whose head size must
-also be a multiple of 8), and the output drops them. Rows whose keys are all padded are set to
-zeros afterwards, as attnx defines them.
+and a key column that is PADDED_KEY_LOGIT / scale at padded keys (0 elsewhere) give each padded
+key the scaled score PADDED_KEY_LOGIT, once its own q/k part and its value row are zeroed. Its
+weight exp(-60 - m), m the row's largest score, then multiplies a zero value row, and adds less
+than half an ulp to the row's softmax sum while some key of the row scores above -35 (2048
+keys x e^-25 < 2^-25). A score of -1e9 would mask just as well, but onnxruntime's exp kernels
+clamp their argument at -104 and scale by 2^n, so every padded key would become a denormal in
+the value product: MultiHeadAttention on BERT at batch 8, seq 512 took 2.2x as long (Xeon,
+AVX-512), and scores between -104 and -87 took 20x. A score bias input (ALiBi, T5) can lift a
+padded key by more than 60, so with one the padded keys' score is BIASED_PADDED_KEY_LOGIT,
+-1e9: exact whatever the bias, at the slower rate. The value gets zero columns where the
+kernel wants one head size for q, k and v (GQA, whose head size must also be a multiple of 8),
+and the output drops them. Rows whose keys are all padded are set to zeros afterwards, as
+attnx defines them.
 
 (Causal ALiBi fits the same trick in principle, -slope_h * (i - j) being slope_h * j up to a
 per-row constant, but that column reaches |slope_h * s| and float32 then rounds every score
@@ -37,7 +46,8 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
-PADDED_KEY_SCORE = -1e9  # exp() of this, relative to any real score, is exactly 0 in float32
+PADDED_KEY_LOGIT = -60.0  # a padded key's scaled score (the module docstring says why -60)
+BIASED_PADDED_KEY_LOGIT = -1e9  # the same, next to a score bias of any size
 GQA_EXTRA = 8  # GroupQueryAttention wants a head size that is a multiple of 8
 FLOAT = onnx.TensorProto.FLOAT
 INT32 = onnx.TensorProto.INT32
@@ -145,14 +155,15 @@ def _lengths(total_len, k_shape):
     return seqlens_k, op.Cast(op.Squeeze(total_len, _ints(0)), to=INT32)
 
 
-def _padded_key_scores(key_padding_mask):
-    """bool [b, s_kv] -> float [b, s_kv, 1, 1]: -1e9 at padded keys, 0 elsewhere."""
-    scores = op.Where(
-        key_padding_mask,
-        op.Constant(value_float=PADDED_KEY_SCORE),
-        op.Constant(value_float=0.0),
-    )
-    return op.Unsqueeze(scores, _ints(2, 3))
+def _padded_keys(k, v, key_padding_mask, scale: float, biased: bool):
+    """k, v [b, s_kv, h_kv, h_d] with padded keys' rows zeroed, and the key column that gives
+    them their scaled score (PADDED_KEY_LOGIT, or BIASED_PADDED_KEY_LOGIT next to a score bias):
+    float [b, s_kv, 1, 1], 0 at unpadded keys."""
+    padded = op.Unsqueeze(key_padding_mask, _ints(2, 3))  # [b, s_kv, 1, 1]
+    zero = op.Constant(value_float=0.0)
+    logit = BIASED_PADDED_KEY_LOGIT if biased else PADDED_KEY_LOGIT
+    column = op.Where(padded, op.Constant(value_float=logit / scale), zero)
+    return op.Where(padded, zero, k), op.Where(padded, zero, v), column
 
 
 def _causal(q, k, v, key_padding_mask, score_bias, window: int, heads, kv_heads, head_dim):
@@ -163,7 +174,8 @@ def _causal(q, k, v, key_padding_mask, score_bias, window: int, heads, kv_heads,
         size = head_dim + GQA_EXTRA
         q = _extend(q, op.Constant(value_floats=[1.0]), _dims(q_shape, 0, 2), heads)
         b_skv = _dims(k_shape, 0, 2)
-        k = _extend(k, _padded_key_scores(key_padding_mask), b_skv, kv_heads)
+        k, v, column = _padded_keys(k, v, key_padding_mask, scale, score_bias is not None)
+        k = _extend(k, column, b_skv, kv_heads)
         v = _extend(v, op.Constant(value_floats=[0.0]), b_skv, kv_heads)
     seqlens_k, total = _lengths(_dims(k_shape, 1, 2), k_shape)
     out, _, _ = GROUP_QUERY_ATTENTION(
@@ -206,8 +218,8 @@ def _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_
         qk_size = head_dim + 1  # MultiHeadAttention lets q/k and v head sizes differ
         ones = _expand_to(op.Constant(value_floats=[1.0]), _dims(op.Shape(q), 0, 3), 1)
         q = op.Concat(q, ones, axis=3)
-        k_col = _expand_to(_padded_key_scores(key_padding_mask), _dims(op.Shape(k), 0, 2), heads, 1)
-        k = op.Concat(k, k_col, axis=3)
+        k, v, column = _padded_keys(k, v, key_padding_mask, scale, score_bias is not None)
+        k = op.Concat(k, _expand_to(column, _dims(op.Shape(k), 0, 2), heads, 1), axis=3)
     out = MULTI_HEAD_ATTENTION(
         packed(q, heads, qk_size),
         packed(k, heads, qk_size),
