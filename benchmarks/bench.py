@@ -38,6 +38,7 @@ from export import run_pipeline, spec_from_zoo  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from models import zoo  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
+from runtime._denormals import new_session  # noqa: E402
 from runtime._parity import measure  # noqa: E402
 from runtime._session import session_options  # noqa: E402
 
@@ -122,7 +123,7 @@ def session(model, threads: int):
     a user of the Runner gets. One session is alive at a time, so each arena holds one peak."""
     options = session_options(ROOT, threads=threads)
     start = time.perf_counter()
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+    sess = new_session(model.SerializeToString(), options, [CPU])
     return sess, (time.perf_counter() - start) * 1e3
 
 

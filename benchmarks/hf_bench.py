@@ -62,6 +62,7 @@ from export._hf_tasks import spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
+from runtime._denormals import new_session  # noqa: E402
 from runtime._session import session_options  # noqa: E402
 
 TARGET_RATIO = 0.8
@@ -179,7 +180,7 @@ def make_session(model, threads: int, options=None):
     """A CPU session under the Runner's session options, of a ModelProto or an .onnx path."""
     options = options or session_options(ROOT, threads=threads)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, options, providers=[CPU])
+    return new_session(data, options, [CPU])
 
 
 def graph_feed(session, feed: dict) -> dict[str, np.ndarray]:

@@ -23,13 +23,12 @@ def make_session(model: onnx.ModelProto):
     """A CPU session on the Runner's options: its graph optimizations, threads and arena, so
     the fusions that change rounding are part of what parity checks. The models here carry
     their weights inline; the folder onnxruntime would read external data from is empty."""
-    import onnxruntime as ort
-
+    from runtime._denormals import new_session
     from runtime._session import session_options
 
     with tempfile.TemporaryDirectory(prefix="attnx-session-") as folder:
         options = session_options(Path(folder))
-        return ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDER])
+        return new_session(model.SerializeToString(), options, [PROVIDER])
 
 
 def eager_outputs(

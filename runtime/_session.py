@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ._denormals import SESSION_OPTION, new_session
 from ._errors import ArtifactError, ProviderError
 
 CPU = "CPUExecutionProvider"
@@ -81,6 +82,9 @@ def session_options(bundle_dir: Path, *, threads: int | None = None, profile_dir
     # sequence every new shape re-plans and grows the cache, so plan nothing up front.
     so.enable_mem_pattern = False
     so.log_severity_level = ORT_LOG_FATAL_ONLY
+    # Masked attention scores become denormals in onnxruntime's kernels (runtime/_denormals.py);
+    # its worker threads flush them with this, the calling thread through new_session.
+    so.add_session_config_entry(SESSION_OPTION, "1")
     # External data is handed over from memory (see create_session); should onnxruntime look
     # at the disk anyway, it must look in the bundle, never in the process CWD.
     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -109,7 +113,6 @@ def create_session(model: bytes, *, bundle_dir: Path, data_files: Mapping[str, b
     """A session from verified bytes. `data_files` maps each external-data location to its
     verified bytes, given to onnxruntime from memory so that the files are not read again
     after they were hashed (no check-then-load race)."""
-    import onnxruntime as ort
 
     so = session_options(bundle_dir, threads=threads, profile_dir=profile_dir)
     if data_files:
@@ -118,7 +121,7 @@ def create_session(model: bytes, *, bundle_dir: Path, data_files: Mapping[str, b
         so.add_external_initializers_from_files_in_memory(names, buffers,
                                                            [len(b) for b in buffers])
     try:
-        session = ort.InferenceSession(model, so, providers=execution_providers(provider))
+        session = new_session(model, so, execution_providers(provider))
     except ort_errors() as e:
         raise ArtifactError(f"{label}: onnxruntime cannot load it: {e}") from None
     if session.get_providers()[0] != provider:
