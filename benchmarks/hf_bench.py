@@ -489,7 +489,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "Hugging Face models: torch eager, attnx, Optimum, transformers' exporter", meta
         ),
         "Models: random weights, 4 layers, d 512, 8 heads (Llama: 4 kv heads), vocab 8192; "
-        "inputs with right- and left-padded rows at batch 8. Cells: median ms over "
+        "inputs with right- and left-padded rows at batch 8. Every onnxruntime session, the "
+        "peers' too, runs on the Runner's session options (denormals flushed to zero; "
+        "runtime/_denormals.py); torch eager on torch's defaults. Cells: median ms over "
         f"{meta.get('rounds', 1)} rounds (ratio to the eager block timed just before each, "
         "median over rounds; below 1.00 is faster); *eager ms* is the median over those "
         "blocks. *best*: attnx's fastest variant that passed its parity "
