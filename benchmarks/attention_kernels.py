@@ -11,6 +11,10 @@ Kernels, on the same q, k, v:
   onnxruntime's flash path, which also stops at the diagonal;
 - GQA causal, no present: the same node with those outputs left out, which sends
   onnxruntime 1.32 to its non-flash path (attnx's lowerings keep them for that reason);
+- GQA causal, denormals kept: the first node in a session of onnxruntime's default
+  options, which keeps denormals (the others run on the Runner's, which flush them to zero,
+  runtime/_denormals.py). The kernel masks the pairs j > i of its diagonal key block as
+  exp(lowest float), a denormal in the product with v;
 - MHA full: com.microsoft.MultiHeadAttention without mask (MLAS's flash kernel).
 
 Causal kernels must do the pairs j <= i, about half of the full square. Each cell is the median
@@ -29,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import session  # noqa: E402
+from bench import CPU, session  # noqa: E402
 from kernel_tiles import (  # noqa: E402
     HEAD_DIM,
     HEADS,
@@ -45,7 +50,12 @@ from kernel_tiles import (  # noqa: E402
     write_results,
 )
 
-CAUSAL_KERNELS = ("torch causal", "GQA causal", "GQA causal, no present")
+CAUSAL_KERNELS = (
+    "torch causal",
+    "GQA causal",
+    "GQA causal, no present",
+    "GQA causal, denormals kept",
+)
 FULL_KERNELS = ("torch full", "MHA full")
 
 
@@ -55,6 +65,14 @@ def without_present(model: onnx.ModelProto) -> onnx.ModelProto:
     node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
     del node.output[1:]
     return model
+
+
+def default_session(model: onnx.ModelProto, threads: int):
+    """A session on onnxruntime's default options but the threads: denormals kept."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
 
 
 def mha_graph() -> onnx.ModelProto:
@@ -103,6 +121,8 @@ def kernels(feed: dict[str, np.ndarray], threads: int) -> dict:
     for name, model in graphs.items():
         sess = session(model, threads)[0]
         calls[name] = lambda s=sess: s.run(None, feed)[0]
+    kept = default_session(kernel_graph(-1), threads)
+    calls["GQA causal, denormals kept"] = lambda: kept.run(None, feed)[0]
     check(calls)
     return calls
 

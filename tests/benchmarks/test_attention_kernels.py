@@ -54,4 +54,4 @@ def test_the_table_has_a_rate_and_a_ratio_in_every_cell():
     meta = {"command": "c", "cpu_kind": "k", "cpu_features": "f", "threads": 1}
     line = attention_kernels.markdown(rows, meta).splitlines()[-1]
     cells = line.strip("|").split("|")[1:]
-    assert len(cells) == 5 and all("GFLOP/s" in c and c.strip().endswith("x)") for c in cells)
+    assert len(cells) == 6 and all("GFLOP/s" in c and c.strip().endswith("x)") for c in cells)
