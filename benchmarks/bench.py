@@ -38,9 +38,8 @@ from export import run_pipeline, spec_from_zoo  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from models import zoo  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
-from runtime._denormals import new_session  # noqa: E402
 from runtime._parity import measure  # noqa: E402
-from runtime._session import session_options  # noqa: E402
+from runtime._session import new_session, session_options  # noqa: E402
 
 BENCH_SIZE = zoo.Size(d=512, heads=8, max_seq=8192, max_batch=8, vocab=4096, window=256)
 TARGET_RATIO = 0.8  # the best passing variant at most 0.8x eager ...

@@ -62,8 +62,7 @@ from export._hf_tasks import spec_from_folder  # noqa: E402
 from export._pipeline import run_pipeline  # noqa: E402
 from export._variants import CPU, LOSSY  # noqa: E402
 from runtime._cpu import cpu_features  # noqa: E402
-from runtime._denormals import new_session  # noqa: E402
-from runtime._session import session_options  # noqa: E402
+from runtime._session import new_session, session_options  # noqa: E402
 
 TARGET_RATIO = 0.8
 VOCAB = 8192

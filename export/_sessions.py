@@ -23,8 +23,7 @@ def make_session(model: onnx.ModelProto):
     """A CPU session on the Runner's options: its graph optimizations, threads and arena, so
     the fusions that change rounding are part of what parity checks. The models here carry
     their weights inline; the folder onnxruntime would read external data from is empty."""
-    from runtime._denormals import new_session
-    from runtime._session import session_options
+    from runtime._session import new_session, session_options
 
     with tempfile.TemporaryDirectory(prefix="attnx-session-") as folder:
         options = session_options(Path(folder))

@@ -9,7 +9,9 @@ Each variant is a separate ONNX file with its own providers, tolerance and parit
   ``left_window_size`` (the graph is then opset 25; models/_native.py).
 - ``fused``: captured with attnx's kernel routing (models._kernels: pure causal attention ->
   com.microsoft.GroupQueryAttention, which never materializes the s x s mask), then
-  onnxscript's onnxruntime fusions (MultiHeadAttention, SkipLayerNormalization, BiasGelu...).
+  onnxscript's onnxruntime fusions (MultiHeadAttention, BiasGelu, RMSNorm...), its
+  SkipLayerNormalization turned back into Add and LayerNormalization, which onnxruntime's CPU
+  kernels run faster (export/rewrites/layer_norms.py).
   For the CPU: onnxruntime's CUDA GroupQueryAttention takes float16/bfloat16 only, so on CUDA
   the float32 graph's kernels and Loops fall back to the CPU (21.5x torch at seq 4096 on an
   H100, benchmarks/results/gpu/); its fp16 form is the CUDA variant.
@@ -283,6 +285,7 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int,
 
     from .rewrites.batch_rows import rows_for_cached_prompts
     from .rewrites.kernels import translation_table
+    from .rewrites.layer_norms import unfuse_skip_layer_norms
 
     with ort_kernels() as route, torch.no_grad():
         spec.module(**spec.example_feed(), **spec.forward_kwargs)
@@ -294,7 +297,7 @@ def _fused(spec: ExportSpec, base: onnx.ModelProto, opset: int,
         model.CopyFrom(native if spec.cache is not None and native is not None else base)
     graph = ir.from_proto(model)
     optimize_for_ort(graph)
-    model = ir.to_proto(graph)
+    model = unfuse_skip_layer_norms(ir.to_proto(graph))
     return rows_for_cached_prompts(model)
 
 

@@ -107,14 +107,3 @@ class FlushedSession:
 
     def __getattr__(self, name):
         return getattr(self._session, name)
-
-
-def new_session(model, options, providers) -> FlushedSession:
-    """An InferenceSession of ``model`` (bytes or a path) whose runs flush denormals on the
-    caller's thread (FlushedSession); ``options`` (runtime/_session.py) flush them on the worker
-    threads. It is created inside ``flushed()`` too, so that the once-per-process flag
-    onnxruntime sets on the creating thread is undone."""
-    import onnxruntime as ort
-
-    with flushed():
-        return FlushedSession(ort.InferenceSession(model, options, providers=providers))

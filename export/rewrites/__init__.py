@@ -21,10 +21,16 @@ Graph rewrites, run on an exported ModelProto (onnx only, no torch):
   (same b, s_kv, h_d by the inferred shapes; static heads, h a multiple of h_kv) read only by
   Attention. Replace: Attention reads the tensor before the repeat.
 
-``group_heads_result``, ``rows_result`` and ``share_kv_result`` return a RewriteResult: the
-model, the names of the nodes replaced, and every rejected candidate with its reason (also
-logged at DEBUG on each module's logger). ``group_heads``, ``rows_for_cached_prompts`` and
-``share_kv_heads`` return the model alone.
+- ``layer_norms``: SkipLayerNormalization back into Add and LayerNormalization (``fused``),
+  which onnxruntime's CPU kernels run 4.5x faster. Pattern: com.microsoft
+  SkipLayerNormalization nodes. Check: nothing reads their mean / inv_std_var outputs.
+  Replace: Add (+ the bias Add) and LayerNormalization with the node's epsilon.
+
+``group_heads_result``, ``rows_result``, ``share_kv_result`` and ``unfuse_result`` return a
+RewriteResult: the model, the names of the nodes replaced, and every rejected candidate with
+its reason (also logged at DEBUG on each module's logger). ``group_heads``,
+``rows_for_cached_prompts``, ``share_kv_heads`` and ``unfuse_skip_layer_norms`` return the
+model alone.
 
 Kernel lowerings, onnxscript translations of attnx's custom torch ops that torch.onnx.export
 calls (torch + onnxscript):

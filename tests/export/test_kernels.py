@@ -142,3 +142,41 @@ def test_lowering_refuses_dynamic_heads_and_a_bidirectional_window():
         lowering(Shape(("b", "s", "h", 8)), Shape(("b", "s", 2, 8)), None)
     with pytest.raises(ValueError, match=r"lowers a window only when causal"):
         lowering(Shape(("b", "s", 4, 8)), Shape(("b", "s", 4, 8)), None, window=3)
+
+
+class Scaled(Padded):
+    """Padded attention whose input is scaled, so that the scores spread over tens of units."""
+
+    def forward(self, x, key_padding_mask):
+        return self.mha(x * SCORE_SCALE, key_padding_mask=key_padding_mask)
+
+
+SCORE_SCALE = 6.0
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_padded_keys_get_no_weight_next_to_scores_of_tens(causal):
+    # A padded key's scaled score is -60 (export/rewrites/kernels.py): its weight must stay
+    # invisible where the unpadded scores of a row reach +-20 and more, left padding included.
+    torch.manual_seed(0)
+    module = Scaled(MultiHeadAttention(embed_dim=D, num_heads=H, causal=causal))
+    point = {"batch": 4, "seq": 24}
+    x = _inputs(point)["x"]  # the grid point's own input
+    with torch.no_grad():
+        q = module.mha.q_proj(x * SCORE_SCALE).view(4, 24, H, D // H)
+        k = module.mha.k_proj(x * SCORE_SCALE).view(4, 24, H, D // H)
+    scores = torch.einsum("bshd,bthd->bhst", q, k) / (D // H) ** 0.5
+    assert scores.abs().max() > 20
+    spec = spec_from_module(
+        module,
+        {"x": x[:2, :7], "key_padding_mask": _padding(2, 7)},
+        dynamic={
+            "x": {0: ("batch", 1, 4), 1: ("seq", 1, 24)},
+            "key_padding_mask": {0: "batch", 1: "seq"},
+        },
+        name="scaled",
+    )
+    spec = dataclasses.replace(spec, make_inputs=_inputs)
+    result = run_pipeline(spec, out=None, grid=[point], variants=("fused",))
+    assert "fused" in result.variants, result.status.dropped
+    assert all(r.passed for r in result.records if r.variant == "fused")
