@@ -696,17 +696,21 @@ def main() -> None:
     gemm = gemm_gflops(args.threads)
     meta["gemm_gflops"], meta["rounds"] = gemm, args.rounds
     with tempfile.TemporaryDirectory(prefix="attnx-hf-bench-") as tmp:
+        # With --into the run's own files stay in the temporary folder: the recorded run may
+        # be the very file this run would write.
+        own = Path(tmp) if args.into else out
         for family in args.families.split(","):
             rows += bench_family(family, args, Path(tmp), python, gemm)
             # Written after each family: a long run that stops keeps what it measured.
-            (out / f"{args.name}.json").write_text(
+            (own / f"{args.name}.json").write_text(
                 json.dumps({"meta": meta, "rows": rows}, indent=1)
             )
-            (out / f"{args.name}.md").write_text(markdown(rows, meta))
-    plot(rows, out / f"{args.name}.png")
-    print(markdown(rows, meta))
-    if args.into:
-        merge_into(Path(args.into), rows, meta["command"])
+            (own / f"{args.name}.md").write_text(markdown(rows, meta))
+        print(markdown(rows, meta))
+        if args.into:
+            merge_into(Path(args.into), rows, meta["command"])
+        else:
+            plot(rows, out / f"{args.name}.png")
 
 
 def merge_into(path: Path, rows: list[dict], command: str) -> None:
