@@ -132,7 +132,6 @@ def create_session(model: bytes, *, bundle_dir: Path, data_files: Mapping[str, b
     """A session from verified bytes. `data_files` maps each external-data location to its
     verified bytes, given to onnxruntime from memory so that the files are not read again
     after they were hashed (no check-then-load race)."""
-
     so = session_options(bundle_dir, threads=threads, profile_dir=profile_dir)
     if data_files:
         names = list(data_files)
