@@ -211,6 +211,8 @@ def _extend(x, column, lead, heads: int):
 
 def _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_dim):
     scale = 1.0 / math.sqrt(head_dim)
+    if key_padding_mask is not None:  # zeroed before the repeat: h_kv heads, not h
+        k, v, column = _padded_keys(k, v, key_padding_mask, scale, score_bias is not None)
     if kv_heads != heads:
         k, v = (_repeat_heads(t, heads // kv_heads, kv_heads, head_dim) for t in (k, v))
     qk_size = head_dim
@@ -218,7 +220,6 @@ def _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_
         qk_size = head_dim + 1  # MultiHeadAttention lets q/k and v head sizes differ
         ones = _expand_to(op.Constant(value_floats=[1.0]), _dims(op.Shape(q), 0, 3), 1)
         q = op.Concat(q, ones, axis=3)
-        k, v, column = _padded_keys(k, v, key_padding_mask, scale, score_bias is not None)
         k = op.Concat(k, _expand_to(column, _dims(op.Shape(k), 0, 2), heads, 1), axis=3)
     out = MULTI_HEAD_ATTENTION(
         packed(q, heads, qk_size),
