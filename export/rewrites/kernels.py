@@ -160,10 +160,12 @@ def _padded_keys(k, v, key_padding_mask, scale: float, biased: bool):
     them their scaled score (PADDED_KEY_LOGIT, or BIASED_PADDED_KEY_LOGIT next to a score bias):
     float [b, s_kv, 1, 1], 0 at unpadded keys."""
     padded = op.Unsqueeze(key_padding_mask, _ints(2, 3))  # [b, s_kv, 1, 1]
-    zero = op.Constant(value_float=0.0)
     logit = BIASED_PADDED_KEY_LOGIT if biased else PADDED_KEY_LOGIT
-    column = op.Where(padded, op.Constant(value_float=logit / scale), zero)
-    return op.Where(padded, zero, k), op.Where(padded, zero, v), column
+    column = op.Where(padded, op.Constant(value_float=logit / scale), op.Constant(value_float=0.0))
+    # A product, not a Where: onnxruntime's Where broadcasts the [b, s_kv, 1, 1] condition
+    # element by element, 3.5-4.5x the time of Mul, which scales each row of h_kv * h_d at once.
+    keep = op.Cast(op.Not(padded), to=FLOAT)
+    return op.Mul(k, keep), op.Mul(v, keep), column
 
 
 def _causal(q, k, v, key_padding_mask, score_bias, window: int, heads, kv_heads, head_dim):
@@ -268,8 +270,10 @@ def attention(q, k, v, key_padding_mask=None, score_bias=None, causal=False, win
         out = _bidirectional(q, k, v, key_padding_mask, score_bias, heads, kv_heads, head_dim)
     if key_padding_mask is None:
         return out
-    valid = rows_with_a_key(key_padding_mask, causal, window)
-    return op.Where(valid, out, op.Constant(value_float=0.0))
+    # The kernels' output is finite on rows without a key (their keys score PADDED_KEY_LOGIT
+    # or BIASED_PADDED_KEY_LOGIT, and their value rows are zeros), so a product zeroes them.
+    valid = op.Cast(rows_with_a_key(key_padding_mask, causal, window), to=FLOAT)
+    return op.Mul(out, valid)
 
 
 def cached_attention(q, k, v, past_key, past_value):
