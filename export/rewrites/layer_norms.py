@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from . import Rejected, RewriteResult, node_attrs, node_name
+from .head_groups import used_names
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,8 @@ def _is_skip_layer_norm(node: onnx.NodeProto) -> bool:
 
 
 def _read(model: onnx.ModelProto) -> set[str]:
-    names = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        names.update(node.input)
-    return names
+    """Every name the graph outputs or a node reads, in a subgraph (a Loop body) too."""
+    return {o.name for o in model.graph.output} | used_names(model.graph)
 
 
 def _check(node: onnx.NodeProto, read: set[str]) -> str | None:

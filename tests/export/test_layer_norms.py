@@ -78,6 +78,30 @@ def test_a_node_whose_mean_is_read_stays():
     assert [r.reason for r in result.rejected] == ["its mean / inv_std_var output 'mean' is read"]
 
 
+def test_a_node_whose_mean_a_subgraph_reads_stays():
+    model = _graph(bias=True, beta=True)
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["mean"], ["seen"])],
+        "reads_mean",
+        [],
+        [helper.make_tensor_value_info("seen", TensorProto.FLOAT, None)],
+    )
+    otherwise = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["not_seen"])],
+        "reads_y",
+        [],
+        [helper.make_tensor_value_info("not_seen", TensorProto.FLOAT, None)],
+    )
+    model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    model.graph.node.append(
+        helper.make_node("If", ["c"], ["picked"], then_branch=then, else_branch=otherwise)
+    )
+    model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
+    result = unfuse_result(model)
+    assert result.model is model and not result.rewritten
+    assert [r.reason for r in result.rejected] == ["its mean / inv_std_var output 'mean' is read"]
+
+
 def _optimized_ops(model, tmp_path, disabled) -> list[str]:
     """The op types of the graph onnxruntime runs after its load-time fusions."""
     import onnxruntime as ort
