@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models._native import native
+from models._native import kernel_route, native
 
 __all__ = [
     "ALiBiBias",
@@ -346,6 +346,25 @@ def _onnx_rotary(x: torch.Tensor, angles: torch.Tensor, seq_dim: int) -> torch.T
     return flat.unflatten(-1, (heads, x.shape[3]))
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """x [b, h, s, h_d] (seq_dim 2) or [b, s, h, h_d] (seq_dim 1) rotated "rotate half" by
+    cos/sin [s, h_d/2] of its positions."""
+    if seq_dim == 1:
+        cos, sin = cos[:, None], sin[:, None]  # [s, 1, h_d/2]: over the heads after s
+    x1, x2 = x.chunk(2, dim=-1)  # [..., h_d/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@torch.library.custom_op("attnx::rotary", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    return _rotate(x, cos, sin, seq_dim)
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin, seq_dim):
+    return torch.empty_like(x)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), "rotate half" layout (GPT-NeoX, Llama,
     ONNX RotaryEmbedding with interleaved=0).
@@ -375,10 +394,9 @@ class RotaryEmbedding(nn.Module):
         angles = pos[:, None] * self.inv_freq[None, :]  # [s, h_d/2]
         if native():
             return _onnx_rotary(x, angles, seq_dim)
-        angles = torch.cat((angles, angles), dim=-1)  # [s, h_d]
-        if seq_dim == 1:
-            angles = angles[:, None]  # [s, 1, h_d]: broadcast over the heads that follow s
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)  # [b, h, s, h_d/2] each
-        rotated = torch.cat((-x2, x1), dim=-1)  # [b, h, s, h_d]
-        return x * cos + rotated * sin
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [s, h_d/2]
+        route = kernel_route()
+        if route is not None:  # onnxruntime's RotaryEmbedding (export/rewrites/kernels.py)
+            route.calls += 1
+            return torch.ops.attnx.rotary(x, cos, sin, seq_dim)
+        return _rotate(x, cos, sin, seq_dim)

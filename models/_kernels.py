@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models._encodings import relative_distances
-from models._native import count_window, current_route, native, routed
+from models._native import count_window, kernel_route, native, routed
 
 
 def ort_kernels():
@@ -25,11 +25,6 @@ def ort_kernels():
     (for export). Yields the Route, whose ``calls`` counts the cores routed so far, so a
     caller can tell whether a module has any core that a kernel serves."""
     return routed("kernels")
-
-
-def _kernel_route():
-    route = current_route()
-    return route if route is not None and route.target == "kernels" else None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -149,7 +144,7 @@ def attention(
     if not causal and window is not None:
         raise ValueError("the attention kernel takes a window only when causal")
     window = window or 0
-    route = _kernel_route()
+    route = kernel_route()
     if route is not None:
         route.calls += 1
         return torch.ops.attnx.attention(q, k, v, key_padding_mask, score_bias, causal, window)
@@ -161,7 +156,7 @@ def attention(
 
 def routing() -> bool:
     """Whether attention cores are being routed to kernel ops (inside ``ort_kernels()``)."""
-    return _kernel_route() is not None
+    return kernel_route() is not None
 
 
 def _cached_reference(q, k, v, past_key, past_value):
@@ -206,7 +201,7 @@ def cached_attention(q, k, v, past_key, past_value):
         (out [b, s, h, h_d], present_key, present_value [b, h_kv, p + s, h_d]); query i sits at
         position p + i (bottom-right causal).
     """
-    route = _kernel_route()
+    route = kernel_route()
     if route is None:
         raise RuntimeError("cached_attention is a kernel op: call it inside ort_kernels()")
     route.calls += 1

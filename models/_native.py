@@ -20,8 +20,9 @@ class Route:
     """Where attention cores go during one capture, and what went there.
 
     target: "kernels" (onnxruntime kernel ops, the fused variant) or "native" (ONNX
-    Attention and RotaryEmbedding, the attention23 variant); calls: cores routed to a kernel op;
-    windows: causal windows routed (a native graph with one needs opset 25).
+    Attention and RotaryEmbedding, the attention23 variant); calls: attention cores and rotary
+    embeddings routed to a kernel op; windows: causal windows routed (a native graph with one
+    needs opset 25).
     """
 
     target: str
@@ -44,8 +45,10 @@ def routed(target: str) -> Iterator[Route]:
         _ROUTE.reset(token)
 
 
-def current_route() -> Route | None:
-    return _ROUTE.get()
+def kernel_route() -> Route | None:
+    """The Route inside ``models._kernels.ort_kernels()``, else None."""
+    route = _ROUTE.get()
+    return route if route is not None and route.target == "kernels" else None
 
 
 def onnx_native():

@@ -53,16 +53,24 @@ FLOAT = onnx.TensorProto.FLOAT
 INT32 = onnx.TensorProto.INT32
 
 
+# Inputs of integer type by name; every other input and output is float (T).
+_INTEGER_INPUTS = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
+_TYPES = {
+    "T": ["tensor(float)", "tensor(float16)"],
+    "M": ["tensor(int32)"],
+    "I": ["tensor(int64)"],
+}
+
+
 def _schema(name: str, inputs: list[str], outputs: list[str], attrs: dict) -> onnx.defs.OpSchema:
     """The part of an onnxruntime com.microsoft schema this lowering uses; onnx's schema registry
     does not know com.microsoft ops. Every input but the first is optional."""
     schema = onnx.defs.OpSchema
     optional = schema.FormalParameterOption.Optional
-    formal = [schema.FormalParameter(inputs[0], "T")] + [
-        schema.FormalParameter(
-            n, "M" if n in ("seqlens_k", "total_sequence_length") else "T", param_option=optional
-        )
-        for n in inputs[1:]
+    types = [_INTEGER_INPUTS.get(n, "T") for n in inputs]
+    formal = [schema.FormalParameter(inputs[0], types[0])] + [
+        schema.FormalParameter(n, t, param_option=optional)
+        for n, t in zip(inputs[1:], types[1:], strict=True)
     ]
     return schema(
         name,
@@ -70,10 +78,7 @@ def _schema(name: str, inputs: list[str], outputs: list[str], attrs: dict) -> on
         1,
         inputs=formal,
         outputs=[schema.FormalParameter(n, "T", param_option=optional) for n in outputs],
-        type_constraints=[
-            ("T", ["tensor(float)", "tensor(float16)"], ""),
-            ("M", ["tensor(int32)"], ""),
-        ],
+        type_constraints=[(t, _TYPES[t], "") for t in sorted({"T", *types})],
         attributes=[schema.Attribute(n, t, n) for n, t in attrs.items()],
     )
 
@@ -114,6 +119,17 @@ MULTI_HEAD_ATTENTION = Op(
         ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"],
         ["output"],
         {"num_heads": _ATTR.INT, "scale": _ATTR.FLOAT},
+    ),
+)
+
+ROTARY_EMBEDDING = Op(
+    Opset("com.microsoft", 1),
+    "RotaryEmbedding",
+    _schema(
+        "RotaryEmbedding",
+        ["input", "position_ids", "cos_cache", "sin_cache"],
+        ["output"],
+        {"interleaved": _ATTR.INT},
     ),
 )
 
@@ -303,10 +319,23 @@ def cached_attention(q, k, v, past_key, past_value):
     return op.Reshape(out, _ints(0, 0, heads, head_dim)), present_key, present_value
 
 
+def rotary(x, cos, sin, seq_dim: int):
+    """Lowering of attnx::rotary: x [b, s, h, h_d] (seq_dim 1) or [b, h, s, h_d] (seq_dim 2)
+    rotated "rotate half" by cos/sin [s, h_d/2], the table of x's own positions (the graph
+    computes it from the past length), so the kernel's position offset is 0."""
+    offset = op.Constant(value_ints=[0])  # [1]: position j of x reads row j of the table
+    if seq_dim == 2:  # the kernel's 4D layout, [b, h, s, h_d]
+        return ROTARY_EMBEDDING(x, offset, cos, sin, interleaved=0)
+    flat = op.Reshape(x, _ints(0, 0, -1))  # [b, s, h * h_d]: the head size is 2 x the table's
+    out = ROTARY_EMBEDDING(flat, offset, cos, sin, interleaved=0)
+    return op.Reshape(out, op.Shape(x))  # [b, s, h, h_d]
+
+
 def translation_table() -> dict:
     import models._kernels  # noqa: F401  (registers the custom ops)
 
     return {
         torch.ops.attnx.attention.default: attention,
         torch.ops.attnx.cached_attention.default: cached_attention,
+        torch.ops.attnx.rotary.default: rotary,
     }

@@ -4,6 +4,8 @@ half-padded and fully padded rows, and the census shows the kernel and no s x s 
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -104,6 +106,9 @@ def test_fused_kernel_matches_torch_beyond_the_window_and_with_padded_rows(name)
     census = [n.op_type for n in result.variants["fused"].model.graph.node]
     assert census.count(kernel) == 1
     assert "Softmax" not in census and "MatMul" in census
+    rope = isinstance(config.get("pos_embeddings"), RotaryEmbedding)
+    assert census.count("RotaryEmbedding") == (2 if rope else 0)  # q and k
+    assert not rope or "Neg" not in census  # no rotate-half left beside the kernel
     node = next(n for n in result.variants["fused"].model.graph.node if n.op_type == kernel)
     bias_at = BIAS_INPUT[kernel]
     has_bias = isinstance(config.get("pos_embeddings"), (ALiBiBias, T5RelativeBias, XL))
@@ -180,3 +185,54 @@ def test_padded_keys_get_no_weight_next_to_scores_of_tens(causal):
     result = run_pipeline(spec, out=None, grid=[point], variants=("fused",))
     assert "fused" in result.variants, result.status.dropped
     assert all(r.passed for r in result.records if r.variant == "fused")
+
+
+class RotatedAfterPast(torch.nn.Module):
+    """RoPE alone, its positions starting at the past's length, in either layout."""
+
+    def __init__(self, seq_dim: int) -> None:
+        super().__init__()
+        self.rope = RotaryEmbedding(head_dim=8)
+        self.seq_dim = seq_dim
+
+    def forward(self, x, past):
+        return self.rope(x, past.shape[2], seq_dim=self.seq_dim)
+
+
+@pytest.mark.parametrize("seq_dim", [1, 2], ids=["b-s-h-hd", "b-h-s-hd"])
+def test_rotary_becomes_onnxruntimes_kernel_and_matches_the_closed_form(seq_dim):
+    module = RotatedAfterPast(seq_dim)
+    shape = (2, 5, H, 8) if seq_dim == 1 else (2, H, 5, 8)
+    x_dims = {0: ("batch", 1, 4), seq_dim: ("seq", 1, 40)}
+    spec = spec_from_module(
+        module,
+        {"x": torch.randn(*shape), "past": torch.zeros(2, H, 3, 8)},
+        dynamic={"x": x_dims, "past": {0: "batch", 2: ("past", 0, 40)}},
+        name=f"rope-{seq_dim}",
+    )
+    grid = [{"batch": 3, "seq": 40, "past": 40}, {"batch": 1, "seq": 1, "past": 0}]
+    result = run_pipeline(spec, out=None, grid=grid, variants=("fused",))
+    assert "fused" in result.variants, result.status.dropped
+    assert all(r.passed for r in result.records if r.variant == "fused")
+    census = [(n.domain, n.op_type) for n in result.variants["fused"].model.graph.node]
+    assert census.count(("com.microsoft", "RotaryEmbedding")) == 1
+    assert ("", "Neg") not in census and ("", "Concat") not in census
+    # Eager against the closed form: pair (i, i + h_d/2) of position p turns by p * base^(-2i/h_d).
+    x = torch.randn(*shape)
+    y = module(x, torch.zeros(1, H, 7, 8)).numpy()
+    pos = np.arange(7, 12)[:, None] * 10000.0 ** (-np.arange(0, 8, 2) / 8)  # [s, h_d/2]
+    cos, sin = np.cos(pos), np.sin(pos)
+    if seq_dim == 1:
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x[..., :4].numpy(), x[..., 4:].numpy()
+    np.testing.assert_allclose(y, np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1),
+                               atol=1e-5)
+
+
+def test_rope_of_attention_reaches_the_kernel_in_the_fused_graph():
+    torch.manual_seed(0)
+    config, _ = CONFIGS["causal-padding-gqa-rope"]
+    module = Padded(MultiHeadAttention(embed_dim=D, num_heads=H, **config))
+    with ort_kernels() as route:
+        module(torch.randn(2, 7, D), _padding(2, 7))
+    assert route.calls == 3  # the attention core and the rotations of q and k
