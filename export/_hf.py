@@ -347,9 +347,67 @@ def kernel_attention(model):
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     try:
-        yield
+        with kernel_rotary(model):
+            yield
     finally:
         model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def kernel_rotary(model):
+    """Within this block, the modeling modules of ``model`` whose rotary embedding is Llama's
+    (the same code for apply_rotary_pos_emb, rotate_half and the RotaryEmbedding module: Llama,
+    Mistral, Qwen2, Gemma ...) apply it through attnx's rotary kernel op. Partial rotary
+    (GPT-NeoX, Phi-3) and other layouts keep their own code."""
+    modules = _llama_rotary_modules(model)
+    saved = {m: m.apply_rotary_pos_emb for m in modules}
+    for m in modules:
+        m.apply_rotary_pos_emb = _rotary_pos_emb
+    try:
+        yield
+    finally:
+        for m, fn in saved.items():
+            m.apply_rotary_pos_emb = fn
+
+
+def _code(fn):
+    """The bytecode and global names of a function under its decorators (None if none)."""
+    while hasattr(fn, "__wrapped__"):  # transformers' decorators (dynamic_rope_update)
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    return None if code is None else (code.co_code, code.co_names)
+
+
+def _llama_rotary_modules(model) -> list:
+    """The modeling modules of model's classes that rotate as Llama does; none unless every
+    rotary embedding module of the model computes Llama's tables, cat((freqs, freqs))."""
+    from transformers.models.llama import modeling_llama as llama
+
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if not rotaries or any(
+        _code(type(m).forward) != _code(llama.LlamaRotaryEmbedding.forward) for m in rotaries
+    ):
+        return []
+    found = {sys.modules[type(m).__module__] for m in model.modules()}
+    return [
+        m for m in found
+        if _code(getattr(m, "apply_rotary_pos_emb", None)) == _code(llama.apply_rotary_pos_emb)
+        and _code(getattr(m, "rotate_half", None)) == _code(llama.rotate_half)
+    ]
+
+
+def _rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Llama's apply_rotary_pos_emb through models._encodings.rotary_kernel: q, k [b, h, s, h_d]
+    (unsqueeze_dim 1) or [b, s, h, h_d] (2); cos, sin [b|1, s, h_d], whose two halves are
+    equal (LlamaRotaryEmbedding's cat((freqs, freqs)))."""
+    from models._encodings import rotary_kernel
+
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]  # [b|1, s, h_d/2]
+    if isinstance(cos.shape[0], int) and cos.shape[0] == 1:  # one table for every row
+        cos, sin = cos[0], sin[0]  # [s, h_d/2]
+    seq_dim = 3 - unsqueeze_dim
+    return rotary_kernel(q, cos, sin, seq_dim), rotary_kernel(k, cos, sin, seq_dim)
 
 
 def kernels_serve(model) -> bool:

@@ -348,9 +348,11 @@ def _onnx_rotary(x: torch.Tensor, angles: torch.Tensor, seq_dim: int) -> torch.T
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int) -> torch.Tensor:
     """x [b, h, s, h_d] (seq_dim 2) or [b, s, h, h_d] (seq_dim 1) rotated "rotate half" by
-    cos/sin [s, h_d/2] of its positions."""
+    cos/sin of its positions: [s, h_d/2], or [b, s, h_d/2] where the rows' positions differ."""
     if seq_dim == 1:
-        cos, sin = cos[:, None], sin[:, None]  # [s, 1, h_d/2]: over the heads after s
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [.., s, 1, h_d/2]: the heads after s
+    elif cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, s, h_d/2]: the heads before s
     x1, x2 = x.chunk(2, dim=-1)  # [..., h_d/2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -363,6 +365,16 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: i
 @_rotary_op.register_fake
 def _(x, cos, sin, seq_dim):
     return torch.empty_like(x)
+
+
+def rotary_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int):
+    """x rotated as ``_rotate`` does; inside ``models._kernels.ort_kernels()`` as the kernel op
+    ``attnx::rotary`` (onnxruntime's RotaryEmbedding, export/rewrites/kernels.py)."""
+    route = kernel_route()
+    if route is None:
+        return _rotate(x, cos, sin, seq_dim)
+    route.calls += 1
+    return torch.ops.attnx.rotary(x, cos, sin, seq_dim)
 
 
 class RotaryEmbedding(nn.Module):
@@ -395,8 +407,4 @@ class RotaryEmbedding(nn.Module):
         if native():
             return _onnx_rotary(x, angles, seq_dim)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # [s, h_d/2]
-        route = kernel_route()
-        if route is not None:  # onnxruntime's RotaryEmbedding (export/rewrites/kernels.py)
-            route.calls += 1
-            return torch.ops.attnx.rotary(x, cos, sin, seq_dim)
-        return _rotate(x, cos, sin, seq_dim)
+        return rotary_kernel(x, cos, sin, seq_dim)

@@ -321,13 +321,23 @@ def cached_attention(q, k, v, past_key, past_value):
 
 def rotary(x, cos, sin, seq_dim: int):
     """Lowering of attnx::rotary: x [b, s, h, h_d] (seq_dim 1) or [b, h, s, h_d] (seq_dim 2)
-    rotated "rotate half" by cos/sin [s, h_d/2], the table of x's own positions (the graph
-    computes it from the past length), so the kernel's position offset is 0."""
-    offset = op.Constant(value_ints=[0])  # [1]: position j of x reads row j of the table
+    rotated "rotate half" by cos/sin, the table of x's own positions: [s, h_d/2] (the graph
+    computes it from the past length) or [b, s, h_d/2] (positions per row, as transformers
+    computes them). The kernel reads row position_ids[b, j] of its cache for x's position j:
+    the offset 0 for a shared table, b * s + j for the table flattened to [b * s, h_d/2]."""
+    if len(cos.shape) == 3:
+        rows = _dims(op.Shape(cos), 0, 2)  # [b, s]
+        count = op.ReduceProd(rows, keepdims=0)
+        positions = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)),
+                               rows)  # [b, s]: row b * s + j
+        table = op.Concat(_ints(-1), _dims(op.Shape(cos), 2, 3), axis=0)
+        cos, sin = (op.Reshape(t, table) for t in (cos, sin))  # [b * s, h_d/2]
+    else:
+        positions = op.Constant(value_ints=[0])  # [1]: position j of x reads row j
     if seq_dim == 2:  # the kernel's 4D layout, [b, h, s, h_d]
-        return ROTARY_EMBEDDING(x, offset, cos, sin, interleaved=0)
+        return ROTARY_EMBEDDING(x, positions, cos, sin, interleaved=0)
     flat = op.Reshape(x, _ints(0, 0, -1))  # [b, s, h * h_d]: the head size is 2 x the table's
-    out = ROTARY_EMBEDDING(flat, offset, cos, sin, interleaved=0)
+    out = ROTARY_EMBEDDING(flat, positions, cos, sin, interleaved=0)
     return op.Reshape(out, op.Shape(x))  # [b, s, h, h_d]
 
 

@@ -18,6 +18,7 @@ from models import (
     T5RelativeBias,
     TransformerXLRelativeBias,
 )
+from models._encodings import rotary_kernel
 from models._kernels import attention, ort_kernels
 
 D, H = 32, 4
@@ -236,3 +237,54 @@ def test_rope_of_attention_reaches_the_kernel_in_the_fused_graph():
     with ort_kernels() as route:
         module(torch.randn(2, 7, D), _padding(2, 7))
     assert route.calls == 3  # the attention core and the rotations of q and k
+
+
+class RotatedPerRow(torch.nn.Module):
+    """RoPE at positions given per batch row (as transformers passes position_ids)."""
+
+    def __init__(self, seq_dim: int) -> None:
+        super().__init__()
+        self.inv_freq = 10000.0 ** (-torch.arange(0, 8, 2) / 8)  # [h_d/2]
+        self.seq_dim = seq_dim
+
+    def forward(self, x, positions):
+        angles = positions[..., None].float() * self.inv_freq  # [b, s, h_d/2]
+        return rotary_kernel(x, angles.cos(), angles.sin(), self.seq_dim)
+
+
+def _per_row_inputs(seq_dim):
+    def make(point, seed=0):
+        b, s = point["batch"], point["seq"]
+        gen = torch.Generator().manual_seed(seed + 100 * b + s)
+        shape = (b, s, H, 8) if seq_dim == 1 else (b, H, s, 8)
+        starts = torch.arange(b)[:, None] * 3  # row r starts at position 3r
+        return {"x": torch.randn(*shape, generator=gen), "positions": starts + torch.arange(s)}
+
+    return make
+
+
+@pytest.mark.parametrize("seq_dim", [1, 2], ids=["b-s-h-hd", "b-h-s-hd"])
+def test_rotary_with_positions_per_row_matches_the_closed_form(seq_dim):
+    module, make = RotatedPerRow(seq_dim), _per_row_inputs(seq_dim)
+    spec = spec_from_module(
+        module,
+        make({"batch": 2, "seq": 5}),
+        dynamic={"x": {0: ("batch", 1, 4), seq_dim: ("seq", 1, 30)},
+                 "positions": {0: "batch", 1: "seq"}},
+        name=f"rope-rows-{seq_dim}",
+    )
+    spec = dataclasses.replace(spec, make_inputs=make)
+    grid = [{"batch": 4, "seq": 30}, {"batch": 1, "seq": 1}]
+    result = run_pipeline(spec, out=None, grid=grid, variants=("fused",))
+    assert "fused" in result.variants, result.status.dropped
+    assert all(r.passed for r in result.records if r.variant == "fused")
+    census = [n.op_type for n in result.variants["fused"].model.graph.node]
+    assert census.count("RotaryEmbedding") == 1
+    feed = make({"batch": 3, "seq": 6})
+    pos = feed["positions"].numpy()[..., None] * 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    cos, sin = np.cos(pos), np.sin(pos)  # [b, s, h_d/2]
+    cos, sin = ((t[:, :, None] if seq_dim == 1 else t[:, None]) for t in (cos, sin))
+    x = feed["x"].numpy()
+    x1, x2 = x[..., :4], x[..., 4:]
+    want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    np.testing.assert_allclose(module(**feed).numpy(), want, atol=1e-5)

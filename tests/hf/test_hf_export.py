@@ -101,6 +101,43 @@ def test_attention_reaches_the_kernel(hf_exports, family):
     assert manifest.extra["variants"]["fused"]["census"][KERNELS[family]] == 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llamas_rotary_embedding_reaches_the_kernel(hf_exports, family):
+    """Llama's rotate-half becomes onnxruntime's RotaryEmbedding in the fused graph, for q and k
+    of each of its 2 layers; the other families have no rotary embedding."""
+    variants = hf_exports[family].variants
+    fused = variants["fused"].census.get("com.microsoft.RotaryEmbedding", 0)
+    assert fused == (4 if family.startswith("llama") else 0)
+    if family.startswith("llama"):
+        assert variants["base"].census.get("Neg", 0) == 4 and "Neg" not in variants["fused"].census
+
+
+def _neox():
+    import transformers
+
+    config = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=POSITIONS, rotary_pct=0.5,
+    )
+    return transformers.GPTNeoXModel(config)
+
+
+def test_only_llamas_rotary_code_is_routed(hf_models):
+    """GPT-NeoX rotates part of each head: its own apply_rotary_pos_emb stays; so do models
+    without rotary embeddings. Llama's modeling module is swapped in the block and restored."""
+    from transformers.models.llama import modeling_llama
+
+    from export._hf import _llama_rotary_modules, kernel_rotary
+
+    assert _llama_rotary_modules(hf_models["llama"]) == [modeling_llama]
+    assert _llama_rotary_modules(_neox()) == []
+    assert _llama_rotary_modules(hf_models["gpt2"]) == []
+    original = modeling_llama.apply_rotary_pos_emb
+    with kernel_rotary(hf_models["llama"]):
+        assert modeling_llama.apply_rotary_pos_emb is not original
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if "GroupQuery" in KERNELS[f]])
 def test_group_query_attention_keeps_its_present_outputs(hf_exports, family):
     assert assert_gqa_keeps_present(hf_exports[family].bundle) > 0
